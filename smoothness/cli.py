@@ -1,0 +1,29 @@
+"""Shared CLI plumbing: user errors print one line and exit 2, never a traceback."""
+from __future__ import annotations
+
+import sys
+
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
+
+
+def run_cli(main, argv=None) -> int:
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """``"10,250"`` -> [10, 250]; a clear error otherwise."""
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} {text!r} is not a comma-separated list of integers") from None
+    if not vals:
+        raise ValueError(f"{what} is empty")
+    return vals

@@ -1,0 +1,260 @@
+"""Gaussian diffusion as in DiT / improved-diffusion: linear betas, respacing, learned-range variance.
+
+The sampler is a generator that yields a ``Step`` record at every iteration, so analysis and caching
+can attach at any step:
+
+    diff = Diffusion.respaced(250)
+    for rec in diff.sample_steps(model, (4, 1, 16, 16), y, seed=0):
+        rec.step, rec.timestep, rec.x_t, rec.model_output     # step counts from 1; t on the 1000 scale
+
+Words: "timestep" t is on the 1000-step training scale (0 = clean); "step" is the sampler iteration,
+1 .. num_steps. DDPM-250 visits t = 999, 995, ..., 4, 0; DDIM-50 visits t = 980, 960, ..., 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import hooks
+
+TRAIN_STEPS = 1000
+SAMPLERS = ("ddpm", "ddim")
+
+
+def linear_betas(num_steps: int = TRAIN_STEPS) -> np.ndarray:
+    """DiT's ``get_named_beta_schedule('linear')``: 1e-4 .. 0.02 scaled to 1000 steps."""
+    scale = 1000 / num_steps
+    return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+
+
+def space_timesteps(num_steps: int, spacing: str) -> list[int]:
+    """improved-diffusion's ``space_timesteps``: ``"250"`` (even strides, rounded) or ``"ddim50"``."""
+    if spacing.startswith("ddim"):
+        want = int(spacing[len("ddim"):])
+        for stride in range(1, num_steps):
+            if len(range(0, num_steps, stride)) == want:
+                return list(range(0, num_steps, stride))
+        raise ValueError(f"cannot make {want} evenly strided DDIM steps out of {num_steps}")
+    count = int(spacing)
+    if not 1 <= count <= num_steps:
+        raise ValueError(f"num_steps={count} is not allowed; use 1..{num_steps}")
+    if count == 1:
+        return [0]
+    stride = (num_steps - 1) / (count - 1)
+    return sorted({round(i * stride) for i in range(count)})
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    num_steps: int = 250            # sampler iterations (DiT's --num-sampling-steps)
+    sampler: str = "ddpm"           # "ddpm" (ancestral, as DiT) or "ddim" (eta below)
+    cfg_scale: float = 1.0          # classifier-free guidance; 1.0 runs the conditional branch alone
+    cfg_channels: int | None = None  # eps channels guided; None = all. DiT's sample.py guides 3 (quirk)
+    clip_denoised: bool = False     # clip the predicted x0 to [-1, 1] (DiT: False; pixel models: True)
+    eta: float = 0.0                # DDIM noise; 0 is deterministic
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+        if not (isinstance(self.num_steps, int) and 1 <= self.num_steps <= TRAIN_STEPS):
+            raise ValueError(f"num_steps={self.num_steps!r} is not allowed; use an integer in 1..{TRAIN_STEPS}")
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
+            raise ValueError(f"cfg_scale={self.cfg_scale!r} is not allowed; use a finite number >= 1 "
+                             "(1 disables guidance)")
+        if self.cfg_channels is not None and self.cfg_channels < 1:
+            raise ValueError(f"cfg_channels={self.cfg_channels!r} is not allowed; use None or a positive count")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta={self.eta!r} is not allowed; use 0..1")
+
+    @property
+    def spacing(self) -> str:
+        return f"ddim{self.num_steps}" if self.sampler == "ddim" else str(self.num_steps)
+
+
+@dataclass
+class Step:
+    """One sampler iteration."""
+
+    step: int                    # 1-based iteration
+    timestep: int                # t on the 1000 scale fed to the model
+    x_t: torch.Tensor            # (N, C, H, W) input of this iteration
+    model_output: torch.Tensor   # (N, C_out, H, W) after guidance
+    pred_x0: torch.Tensor        # (N, C, H, W)
+    x_next: torch.Tensor         # (N, C, H, W) the sample handed to the next iteration
+
+
+class Diffusion:
+    """A (possibly respaced) diffusion process over a subset of the 1000 training timesteps."""
+
+    def __init__(self, timesteps: list[int] | None = None, base_betas: np.ndarray | None = None):
+        base = linear_betas() if base_betas is None else base_betas
+        base_ac = np.cumprod(1.0 - base)
+        self.timestep_map = np.array(sorted(timesteps) if timesteps is not None else range(len(base)))
+        last, betas = 1.0, []
+        for t in self.timestep_map:                                     # respacing keeps alpha_bar
+            betas.append(1.0 - base_ac[t] / last)
+            last = base_ac[t]
+        self.betas = b = np.array(betas, dtype=np.float64)
+        self.num_timesteps = len(b)
+        self.alphas_cumprod = ac = np.cumprod(1.0 - b)
+        self.alphas_cumprod_prev = acp = np.append(1.0, ac[:-1])
+        self.posterior_variance = pv = b * (1.0 - acp) / (1.0 - ac)
+        self.posterior_log_variance_clipped = np.log(np.append(pv[1], pv[1:])) if len(pv) > 1 else np.log(b)
+        self.posterior_mean_coef1 = b * np.sqrt(acp) / (1.0 - ac)
+        self.posterior_mean_coef2 = (1.0 - acp) * np.sqrt(1.0 - b) / (1.0 - ac)
+
+    @classmethod
+    def respaced(cls, num_steps: int = 250, sampler: str = "ddpm") -> "Diffusion":
+        spacing = f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)
+        return cls(space_timesteps(TRAIN_STEPS, spacing))
+
+    @classmethod
+    def for_config(cls, config: SamplerConfig) -> "Diffusion":
+        return cls(space_timesteps(TRAIN_STEPS, config.spacing))
+
+    # ------------------------------------------------------------ addressing
+    @property
+    def chain(self) -> list[int]:
+        """Timesteps in sampling order: chain[step - 1] is the timestep of that step."""
+        return [int(t) for t in self.timestep_map[::-1]]
+
+    def timestep_of(self, step: int) -> int:
+        if not (isinstance(step, (int, np.integer)) and 1 <= step <= self.num_timesteps):
+            raise ValueError(f"step {step!r} is outside the chain; allowed: 1..{self.num_timesteps} "
+                             f"(a {self.num_timesteps}-step chain)")
+        return self.chain[step - 1]
+
+    # ------------------------------------------------------------- equations
+    def _at(self, arr: np.ndarray, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        out = torch.from_numpy(arr).to(like.device)[idx].float()
+        return out.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+    def q_sample(self, x0, idx, noise):
+        return (self._at(np.sqrt(self.alphas_cumprod), idx, x0) * x0
+                + self._at(np.sqrt(1.0 - self.alphas_cumprod), idx, x0) * noise)
+
+    def q_posterior(self, x0, x_t, idx):
+        mean = self._at(self.posterior_mean_coef1, idx, x_t) * x0 + self._at(self.posterior_mean_coef2, idx, x_t) * x_t
+        return mean, self._at(self.posterior_log_variance_clipped, idx, x_t)
+
+    def p_mean_variance(self, output, x_t, idx, clip_denoised: bool):
+        """Split [eps, v] and return (mean, log variance, predicted x0)."""
+        c = x_t.shape[1]
+        if output.shape[1] == 2 * c:
+            eps, v = output[:, :c], output[:, c:]
+            min_log = self._at(self.posterior_log_variance_clipped, idx, x_t)
+            max_log = self._at(np.log(self.betas), idx, x_t)
+            frac = (v + 1) / 2                                           # learned range
+            log_var = frac * max_log + (1 - frac) * min_log
+        else:
+            eps = output
+            # Fixed "large" variance, as improved-diffusion for models without learned sigma.
+            log_var = self._at(np.log(np.append(self.posterior_variance[1], self.betas[1:])), idx, x_t)
+        x0 = (self._at(np.sqrt(1.0 / self.alphas_cumprod), idx, x_t) * x_t
+              - self._at(np.sqrt(1.0 / self.alphas_cumprod - 1), idx, x_t) * eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        mean, _ = self.q_posterior(x0, x_t, idx)
+        return mean, log_var, x0
+
+    # -------------------------------------------------------------- training
+    def training_losses(self, model, x0, idx, y, noise):
+        """DiT's hybrid loss: MSE on eps plus the VB term with the mean frozen (learned sigma)."""
+        x_t = self.q_sample(x0, idx, noise)
+        t = torch.as_tensor(self.timestep_map, device=x0.device)[idx]
+        out = model(x_t, t, y)
+        c = x0.shape[1]
+        mse = ((noise - out[:, :c]) ** 2).mean(dim=(1, 2, 3))
+        if out.shape[1] == c:
+            return {"loss": mse, "mse": mse}
+        frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1)
+        true_mean, true_log_var = self.q_posterior(x0, x_t, idx)
+        mean, log_var, _ = self.p_mean_variance(frozen, x_t, idx, clip_denoised=False)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
+        vb = torch.where(idx == 0, nll, kl)
+        return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+    # -------------------------------------------------------------- sampling
+    def model_output(self, model, x, t, y, config: SamplerConfig):
+        """One (optionally guided) model call. CFG runs both halves in one batched forward."""
+        n = x.shape[0]
+        if config.cfg_scale == 1.0 or y is None:
+            with hooks.cfg_scope(None):
+                return model(x, t, y)
+        null = torch.full_like(y, model.config.num_classes)
+        with hooks.cfg_scope(n):
+            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        ch = config.cfg_channels or x.shape[1]
+        cond, uncond = out[:n, :ch], out[n:, :ch]
+        guided = uncond + config.cfg_scale * (cond - uncond)
+        return torch.cat([guided, out[:n, ch:]], dim=1)
+
+    def sample_steps(self, model, shape, y=None, config: SamplerConfig = SamplerConfig(), *,
+                     seed: int | None = 0, generator: torch.Generator | None = None,
+                     x_T: torch.Tensor | None = None, device=None, dtype=torch.float32) -> Iterator[Step]:
+        """Yield a ``Step`` per iteration. All noise comes from one CPU generator, so runs are
+        reproducible from ``seed`` on any device."""
+        if self.num_timesteps != config.num_steps:
+            raise ValueError(f"this diffusion has {self.num_timesteps} steps but the config asks for {config.num_steps}")
+        device = device or next(model.parameters()).device
+        g = generator or torch.Generator().manual_seed(int(seed or 0))
+        x = x_T.to(device, dtype) if x_T is not None else torch.randn(shape, generator=g).to(device, dtype)
+        n = x.shape[0]
+        if y is not None:
+            y = torch.as_tensor(y, device=device).long()
+        for i, idx_val in enumerate(range(self.num_timesteps - 1, -1, -1)):
+            idx = torch.full((n,), idx_val, device=device, dtype=torch.long)
+            t = torch.full((n,), int(self.timestep_map[idx_val]), device=device, dtype=torch.long)
+            with hooks.step_scope(i + 1, int(t[0])):
+                out = self.model_output(model, x, t, y, config)
+            noise = torch.randn(x.shape, generator=g).to(device, dtype)
+            if config.sampler == "ddpm":
+                mean, log_var, x0 = self.p_mean_variance(out, x, idx, config.clip_denoised)
+                x_next = mean + (idx_val != 0) * torch.exp(0.5 * log_var) * noise
+            else:
+                x_next, x0 = self._ddim(out, x, idx, config, noise)
+            yield Step(i + 1, int(t[0]), x, out, x0, x_next)
+            x = x_next
+
+    def _ddim(self, out, x, idx, config: SamplerConfig, noise):
+        _, _, x0 = self.p_mean_variance(out, x, idx, config.clip_denoised)
+        eps = ((self._at(np.sqrt(1.0 / self.alphas_cumprod), idx, x) * x - x0)
+               / self._at(np.sqrt(1.0 / self.alphas_cumprod - 1), idx, x))
+        ab = self._at(self.alphas_cumprod, idx, x)
+        ab_prev = self._at(self.alphas_cumprod_prev, idx, x)
+        sigma = config.eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
+        mean = x0 * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma ** 2) * eps
+        nonzero = (idx != 0).float().view(-1, *([1] * (x.dim() - 1)))
+        return mean + nonzero * sigma * noise, x0
+
+    def sample(self, model, shape, y=None, config: SamplerConfig = SamplerConfig(), **kw) -> torch.Tensor:
+        last = None
+        for last in self.sample_steps(model, shape, y, config, **kw):
+            pass
+        return last.x_next
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_std_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Log-likelihood of 8-bit data in [-1, 1] under a discretized Gaussian (improved-diffusion)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_std_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_std_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))

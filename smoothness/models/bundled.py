@@ -1,0 +1,66 @@
+"""The models this project trains itself and ships inside the package (no download).
+
+``digits-dit`` and ``digits-skip-dit``: DiT-D/2 (12 blocks, hidden 96, 3 heads, patch 2) on 16x16
+one-channel digits, 10 classes, learned sigma; identical training budget, the second with Skip-DiT's
+6 long skip branches. ``digits-classifier`` scores their samples.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, load_model
+from .dit import DiT
+from .registry import model_names
+
+WEIGHTS = Path(__file__).parent / "weights"
+BUNDLED = {
+    "digits-dit": "digits-dit.pt",
+    "digits-skip-dit": "digits-skip-dit.pt",
+    "digits-classifier": "digits-classifier.pt",
+}
+DEFAULT_PAIR = ("digits-dit", "digits-skip-dit")
+# Sampler settings that suit the pixel-space digits models (see README for their accuracy).
+DIGITS_SAMPLER = dict(num_steps=250, cfg_scale=3.0, clip_denoised=True)
+
+
+def weight_path(name: str) -> Path:
+    if name not in BUNDLED:
+        raise ValueError(f"unknown bundled model {name!r}; allowed: {', '.join(BUNDLED)}")
+    path = WEIGHTS / BUNDLED[name]
+    if not path.is_file():
+        raise CheckpointError(f"bundled weights {str(path)!r} are missing from this install; "
+                              f"retrain with python -m smoothness.train (see README)")
+    return path
+
+
+def diffusion_models() -> list[str]:
+    return [n for n in BUNDLED if n != "digits-classifier"]
+
+
+def load(name_or_path: str, device="cpu", dtype=None, num_heads: int | None = None) -> DiT:
+    """A bundled model by name, or any DiT checkpoint by path (configuration inferred)."""
+    if name_or_path in diffusion_models():
+        return load_model(weight_path(name_or_path), device=device, dtype=dtype)
+    if Path(name_or_path).suffix.lower() in (".pt", ".pth", ".bin", ".ckpt", ".safetensors") or Path(name_or_path).exists():
+        return load_model(name_or_path, num_heads=num_heads, device=device, dtype=dtype)
+    if name_or_path in model_names():
+        raise ValueError(f"{name_or_path!r} is a size with random weights, not a trained model; pass its "
+                         f"checkpoint with --ckpt, or one of the bundled models: {', '.join(diffusion_models())}")
+    raise ValueError(f"unknown model {name_or_path!r}; allowed: {', '.join(diffusion_models())} "
+                     "or a checkpoint path (.pt, .pth, .safetensors)")
+
+
+def label(name_or_path: str) -> str:
+    """A short label for plots and dataset coordinates."""
+    return name_or_path if name_or_path in BUNDLED else Path(name_or_path).stem
+
+
+def is_pixel_digits(model: DiT) -> bool:
+    c = model.config
+    return c.in_channels == 1 and c.input_size == 16 and c.num_classes == 10
+
+
+def parameter_dtype(model: DiT) -> torch.dtype:
+    return next(model.parameters()).dtype

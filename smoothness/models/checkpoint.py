@@ -1,0 +1,159 @@
+"""Strict, weights-only checkpoint loading with configuration inference.
+
+Accepts ``.pt`` / ``.pth`` (a raw state dict, or one wrapped under ``ema`` / ``model`` /
+``state_dict``) and ``.safetensors``. Pickles are opened with ``torch.load(weights_only=True)``:
+a file that would need to run code to unpickle is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .dit import DiT, DiTConfig
+from .registry import HEADS_BY_WIDTH, SIZES
+
+WRAPPERS = ("ema", "model", "state_dict")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or fits no configuration."""
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Return (state dict, metadata) from a checkpoint file; metadata is ``{}`` when absent."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise CheckpointError("reading .safetensors needs the 'safetensors' package "
+                                  "(pip install 'dit-smoothness[safetensors]')") from e
+        try:
+            return load_file(str(path)), {}
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file: {e}") from e
+    if suffix not in (".pt", ".pth", ".bin", ".ckpt"):
+        raise CheckpointError(f"checkpoint {str(path)!r}: unknown extension {suffix!r}; "
+                              "allowed: .pt, .pth, .bin, .ckpt, .safetensors")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be loaded weights-only "
+                              f"(corrupt, or a pickle that would run code): {first}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    meta = obj.get("meta", {}) if isinstance(obj.get("meta", {}), dict) else {}
+    for key in WRAPPERS:
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not obj or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a state dict of tensors "
+                              f"(looked at the top level and under {', '.join(WRAPPERS)})")
+    return obj, meta
+
+
+def _count(sd, prefix: str) -> int:
+    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
+    return max(idx) + 1 if idx else 0
+
+
+def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> DiTConfig:
+    """Infer a DiT configuration from state-dict keys and shapes."""
+    need = ["x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight", "blocks.0.mlp.fc1.weight"]
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise CheckpointError(f"not a DiT state dict: missing {', '.join(missing)}")
+    hidden, in_ch, patch, _ = sd["x_embedder.proj.weight"].shape
+    tokens = sd["pos_embed"].shape[1]
+    grid = round(tokens ** 0.5)
+    if grid * grid != tokens:
+        raise CheckpointError(f"pos_embed has {tokens} tokens, not a square grid")
+    out = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+    if out not in (in_ch, 2 * in_ch):
+        raise CheckpointError(f"final_layer.linear outputs {out} channels per pixel for {in_ch} input channels; "
+                              f"allowed: {in_ch} or {2 * in_ch}")
+    if "y_embedder.embedding_table.weight" not in sd:
+        raise CheckpointError("DiT checkpoints are class-conditional: y_embedder.embedding_table.weight is missing")
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    depth = _count(sd, "blocks.")
+    n_skip = _count(sd, "skip_linears.")
+    if num_heads is None:
+        if hidden not in HEADS_BY_WIDTH:
+            raise CheckpointError(f"no official size has hidden size {hidden}, so the number of attention heads is "
+                                  f"unknown; pass num_heads explicitly (known widths: {sorted(HEADS_BY_WIDTH)})")
+        num_heads = HEADS_BY_WIDTH[hidden]
+    # The null-class row exists when the model was trained with label dropout (always, for DiT).
+    return DiTConfig(input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden,
+                     depth=depth, num_heads=num_heads,
+                     mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+                     num_classes=rows - 1, class_dropout_prob=0.1, learn_sigma=out == 2 * in_ch,
+                     skips=n_skip > 0)
+
+
+def expected_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in DiT(config).state_dict().items()}
+
+
+def _closest(sd) -> str:
+    """Name the registry entry whose keys and shapes agree with ``sd`` most often."""
+    best, score = None, -1
+    have = {k: tuple(v.shape) for k, v in sd.items()}
+    for name, cfg in SIZES.items():
+        for skip in (False, True):
+            exp = expected_shapes(replace(cfg, skips=skip))
+            s = sum(have.get(k) == v for k, v in exp.items()) - len(set(have) ^ set(exp))
+            if s > score:
+                best, score = name + ("-skip" if skip else ""), s
+    return best
+
+
+def mismatch_report(sd, config: DiTConfig, limit: int = 5) -> str:
+    exp = expected_shapes(config)
+    have = {k: tuple(v.shape) for k, v in sd.items()}
+    missing = [k for k in exp if k not in have]
+    unexpected = [k for k in have if k not in exp]
+    shaped = [f"{k} {have[k]} != {exp[k]}" for k in exp if k in have and have[k] != exp[k]]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def load_model(path: str | Path, num_heads: int | None = None, device="cpu", dtype=None) -> DiT:
+    """Build the model a checkpoint describes and load it strictly. Returns it in eval mode."""
+    sd, meta = read_state_dict(path)
+    num_heads = num_heads or meta.get("num_heads")
+    try:
+        config = infer_config(sd, num_heads)
+        report = mismatch_report(sd, config)
+    except (CheckpointError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} fits no configuration: {e}; "
+                              f"closest configuration: {_closest(sd)}") from None
+    if report:
+        raise CheckpointError(f"checkpoint {str(path)!r} fits no configuration ({report}); "
+                              f"closest configuration: {_closest(sd)}")
+    with torch.device("meta"):
+        model = DiT(config)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model = model.to(device=device, dtype=dtype or torch.float32)
+    model.pos_embed.requires_grad_(False)
+    return model.eval()
