@@ -189,21 +189,25 @@ class Diffusion:
         null = torch.full_like(y, model.config.num_classes)
         with hooks.cfg_scope(n):
             out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        ch = config.cfg_channels or x.shape[1]
-        cond, uncond = out[:n, :ch], out[n:, :ch]
-        guided = uncond + config.cfg_scale * (cond - uncond)
-        return torch.cat([guided, out[:n, ch:]], dim=1)
+        return guide(out[:n], out[n:], config.cfg_scale, config.cfg_channels or x.shape[1])
 
     def sample_steps(self, model, shape, y=None, config: SamplerConfig = SamplerConfig(), *,
                      seed: int | None = 0, generator: torch.Generator | None = None,
-                     x_T: torch.Tensor | None = None, device=None, dtype=torch.float32) -> Iterator[Step]:
+                     x_T: torch.Tensor | None = None, device=None, dtype=torch.float32,
+                     groups: int = 1) -> Iterator[Step]:
         """Yield a ``Step`` per iteration. All noise comes from one CPU generator, so runs are
-        reproducible from ``seed`` on any device."""
+        reproducible from ``seed`` on any device. With ``groups`` > 1 the batch is that many tiled
+        copies of ``shape[0] // groups`` rows that share x_T and every noise draw (used to run
+        perturbed copies of one chain side by side)."""
         if self.num_timesteps != config.num_steps:
             raise ValueError(f"this diffusion has {self.num_timesteps} steps but the config asks for {config.num_steps}")
         device = device or next(model.parameters()).device
         g = generator or torch.Generator().manual_seed(int(seed or 0))
-        x = x_T.to(device, dtype) if x_T is not None else torch.randn(shape, generator=g).to(device, dtype)
+        if shape[0] % groups:
+            raise ValueError(f"batch {shape[0]} is not divisible into groups={groups}")
+        one = (shape[0] // groups, *shape[1:])
+        tile = lambda v: v.repeat(groups, *([1] * (v.dim() - 1)))
+        x = x_T.to(device, dtype) if x_T is not None else tile(torch.randn(one, generator=g)).to(device, dtype)
         n = x.shape[0]
         if y is not None:
             y = torch.as_tensor(y, device=device).long()
@@ -212,7 +216,7 @@ class Diffusion:
             t = torch.full((n,), int(self.timestep_map[idx_val]), device=device, dtype=torch.long)
             with hooks.step_scope(i + 1, int(t[0])):
                 out = self.model_output(model, x, t, y, config)
-            noise = torch.randn(x.shape, generator=g).to(device, dtype)
+            noise = tile(torch.randn(one, generator=g)).to(device, dtype)
             if config.sampler == "ddpm":
                 mean, log_var, x0 = self.p_mean_variance(out, x, idx, config.clip_denoised)
                 x_next = mean + (idx_val != 0) * torch.exp(0.5 * log_var) * noise
@@ -237,6 +241,14 @@ class Diffusion:
         for last in self.sample_steps(model, shape, y, config, **kw):
             pass
         return last.x_next
+
+
+def guide(cond, uncond, scale: float, channels: int):
+    """Classifier-free guidance on the first ``channels`` channels of (N, C_out, H, W) outputs (the
+    eps channels, or DiT's 3); the remaining channels (the learned variance) are the conditional's."""
+    ch = channels
+    guided = uncond[:, :ch] + scale * (cond[:, :ch] - uncond[:, :ch])
+    return torch.cat([guided, cond[:, ch:]], dim=1)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

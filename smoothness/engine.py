@@ -1,0 +1,232 @@
+"""Batched evaluation of a perturbed model at many (alpha, beta) grid points in one forward.
+
+Grid points are stacked along the batch, group-major: rows [g*R, (g+1)*R) belong to point g (R rows
+per point: the samples, times two with classifier-free guidance).
+
+* ``weights``: theta' = theta + alpha*d1 + beta*d2 (the paper's). Every selected Linear runs as one
+  ``baddbmm`` with per-point weights W + alpha_g*D1 + beta_g*D2, so a chunk of G points costs about
+  one plain forward of G*R rows. Directions are generated per tensor from the seed (and cached
+  unless ``cache_directions=False``, which keeps peak memory at one layer's directions).
+* ``features``: alpha*d1 + beta*d2 is added to a site's output, each direction scaled per token to
+  that token's feature norm. At unit-output sites the unperturbed prefix runs once on R rows and is
+  tiled; other sites are perturbed through a hook on the full batch.
+* ``latent``: the same on the model input x_t, scaled per pixel.
+
+The reference for every comparison is the origin point evaluated by the same batched code, so
+alpha = beta = 0 reproduces it bit for bit (similarity exactly 1).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import hooks
+from .diffusion import guide
+from .perturb import DirectionSpec, direction, feature_direction, select_parameters
+
+MODES = ("weights", "features", "latent")
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    mode: str = "weights"            # weights | features | latent
+    directions: DirectionSpec = DirectionSpec()
+    site: str | None = None          # the perturbed site for mode="features" (e.g. "blocks.5")
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown perturbation mode {self.mode!r}; allowed: {', '.join(MODES)}")
+        if self.mode == "features" and not self.site:
+            raise ValueError("mode='features' needs a site to perturb, e.g. site='blocks.5'")
+
+
+class GridEngine:
+    """Evaluate ``model`` under a perturbation at a chunk of grid points."""
+
+    def __init__(self, model: nn.Module, perturbation: Perturbation, cache_directions: bool = True):
+        self.model = model
+        self.p = perturbation
+        self.cache_directions = cache_directions
+        self._dirs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if perturbation.mode == "weights":
+            self.param_names = select_parameters(model, perturbation.directions)
+            self._check_modules()
+        elif perturbation.mode == "features":
+            hooks.resolve_sites(model, perturbation.site)        # validates the site name
+            self.param_names = []
+        else:
+            self.param_names = []
+
+    # ------------------------------------------------------------ directions
+    def _pair(self, name: str, weight: torch.Tensor):
+        if name in self._dirs:
+            return self._dirs[name]
+        spec = self.p.directions
+        pair = (direction(weight, name, 1, spec).to(weight.dtype), direction(weight, name, 2, spec).to(weight.dtype))
+        if self.cache_directions:
+            self._dirs[name] = pair
+        return pair
+
+    def _check_modules(self):
+        chosen = set(self.param_names)
+        for mname, module in self.model.named_modules():
+            own = {f"{mname}.{n}" if mname else n for n, _ in module.named_parameters(recurse=False)}
+            if own & chosen and not isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding)):
+                raise ValueError(f"cannot perturb parameters of {mname!r} ({type(module).__name__}); "
+                                 "supported: Linear, Conv2d, LayerNorm, Embedding")
+
+    # -------------------------------------------------------------- weights
+    def _grouped(self, module: nn.Module, mname: str, coef):
+        """A forward for ``module`` that uses per-group perturbed parameters."""
+        a, b = coef                                                    # (G,) each
+        names = {n: f"{mname}.{n}" for n, _ in module.named_parameters(recurse=False)}
+
+        def value(attr):
+            w = getattr(module, attr)
+            full = names[attr]
+            if w is None or full not in self.param_names:
+                return None if w is None else w.unsqueeze(0)         # (1, ...) shared
+            d1, d2 = self._pair(full, w)
+            shape = (-1,) + (1,) * w.dim()
+            return w.unsqueeze(0) + a.to(w.dtype).view(shape) * d1 + b.to(w.dtype).view(shape) * d2   # (G, ...)
+
+        g = a.numel()
+        if isinstance(module, nn.Linear):
+            def fwd(x):
+                w, bias = value("weight"), value("bias")
+                xs = x.reshape(g, -1, x.shape[-1])                     # (G, R*T, in)
+                wt = w.expand(g, -1, -1).transpose(1, 2)               # (G, in, out)
+                out = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.expand(g, -1).unsqueeze(1), xs, wt)
+                return out.reshape(*x.shape[:-1], w.shape[1])
+        elif isinstance(module, nn.Conv2d):
+            def fwd(x):
+                w, bias = value("weight"), value("bias")
+                xs = x.reshape(g, -1, *x.shape[1:])
+                outs = [module._conv_forward(xs[i], w[min(i, len(w) - 1)],
+                                             None if bias is None else bias[min(i, len(bias) - 1)]) for i in range(g)]
+                return torch.cat(outs)
+        elif isinstance(module, nn.LayerNorm):
+            def fwd(x):
+                w, bias = value("weight"), value("bias")
+                xs = x.reshape(g, -1, *x.shape[1:])
+                out = F.layer_norm(xs.float(), module.normalized_shape, None, None, module.eps)
+                shape = lambda v: v.reshape(v.shape[0], *([1] * (xs.dim() - 2)), v.shape[-1]).float()
+                if w is not None:
+                    out = out * shape(w)
+                if bias is not None:
+                    out = out + shape(bias)
+                return out.to(x.dtype).reshape(x.shape)
+        else:  # nn.Embedding
+            def fwd(idx):
+                w = value("weight")                                    # (G, rows, H)
+                ids = idx.reshape(g, -1)
+                rows = torch.stack([F.embedding(ids[i], w[min(i, len(w) - 1)]) for i in range(g)])
+                return rows.reshape(*idx.shape, w.shape[-1])
+        return fwd
+
+    @contextlib.contextmanager
+    def _weights(self, coef):
+        chosen = {n.rsplit(".", 1)[0] for n in self.param_names}
+        overrides = {m: self._grouped(m, name, coef) for name, m in self.model.named_modules() if name in chosen}
+        with hooks.override(overrides):
+            yield
+
+    # -------------------------------------------------------- features/latent
+    def _feature_fn(self, coef, rows: int, site: str):
+        a, b = coef
+
+        def add(h, ctx=None):
+            g = a.numel()
+            hs = h.reshape(g, rows, *h.shape[1:])
+            out = []
+            for r in range(rows):                                     # each sample: its own token norms
+                d1 = feature_direction(hs[0, r], self.p.directions.seed, 1, site)
+                d2 = feature_direction(hs[0, r], self.p.directions.seed, 2, site)
+                shape = (-1,) + (1,) * d1.dim()
+                out.append(hs[:, r] + (a.view(shape) * d1 + b.view(shape) * d2).to(h.dtype))
+            return torch.stack(out, dim=1).reshape(h.shape)
+        return add
+
+    # ------------------------------------------------------------------ api
+    def forward(self, x, t, y, coef, cfg_scale: float = 1.0, cfg_channels: int | None = None):
+        """Evaluate the model at G grid points for samples (x, t, y) of R0 rows.
+
+        coef: (alphas (G,), betas (G,)). Returns the guided output (G, R0, C_out, H, W)."""
+        a, b = (torch.as_tensor(c, dtype=torch.float32, device=x.device) for c in coef)
+        g = a.numel()
+        if cfg_scale != 1.0:
+            null = torch.full_like(y, self.model.config.num_classes)
+            x, t, y = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
+        rows = x.shape[0]
+        tile = lambda v: v.repeat(g, *([1] * (v.dim() - 1)))
+        if self.p.mode == "features" and _unit_of_site(self.model, self.p.site) is not None:
+            out = self._features_forward(x, t, y, (a, b), rows)
+        else:
+            out = self.run(tile(x), tile(t), tile(y), (a, b))
+        out = out.reshape(g, rows, *out.shape[1:])                    # (G, R, C_out, H, W)
+        if cfg_scale != 1.0:
+            half = rows // 2
+            flat = lambda v: v.reshape(g * half, *v.shape[2:])
+            out = guide(flat(out[:, :half]), flat(out[:, half:]), cfg_scale, cfg_channels or x.shape[1])
+            out = out.reshape(g, half, *out.shape[1:])
+        return out
+
+    def run(self, x, t, y, coef):
+        """Raw model output for inputs already tiled group-major: (G*R, ...) rows in, out."""
+        a, b = (torch.as_tensor(c, dtype=torch.float32, device=x.device) for c in coef)
+        rows = x.shape[0] // a.numel()
+        if self.p.mode == "weights":
+            with self._weights((a, b)):
+                return self.model(x, t, y)
+        if self.p.mode == "latent":
+            return self.model(self._feature_fn((a, b), rows, "latent")(x), t, y)
+        with hooks.inject(self.model, {self.p.site: self._feature_fn((a, b), rows, self.p.site)}):
+            return self.model(x, t, y)
+
+    def _features_forward(self, x, t, y, coef, rows):
+        """Unit-output site: the unperturbed prefix runs once on R rows, then is tiled."""
+        site = self.p.site
+        unit = _unit_of_site(self.model, site)
+        add = self._feature_fn(coef, rows, site)
+        model = self.model
+        trunk = model.embed(x, t, y)                                  # prefix on R rows, once
+        if unit == -1:
+            trunk = trunk.repeat(coef[0].numel())
+            trunk.h = add(trunk.h)
+        for u in range(model.num_units):
+            model.run_unit(u, trunk)
+            if u == unit:
+                trunk = trunk.repeat(coef[0].numel())
+                trunk.h = add(trunk.h)
+                if u in model.skip_sources:
+                    trunk.skips[u] = trunk.h
+        return model.head(trunk)
+
+
+def _unit_of_site(model, site: str) -> int | None:
+    """Unit whose output is ``site`` (-1 for the embedding), or None if not at a unit boundary."""
+    if site == "embed":
+        return -1
+    if site.startswith("blocks.") and site.count(".") == 1:
+        i = int(site.split(".")[1])
+        for u in range(model.num_units):
+            if model.unit_blocks(u)[-1] == i:
+                return u
+    return None
+
+
+def naive_forward(model: nn.Module, spec: DirectionSpec, alpha: float, beta: float, x, t, y):
+    """The definition, for tests and benchmarks: copy the model, add the perturbation, one forward."""
+    import copy
+    m = copy.deepcopy(model)
+    params = dict(m.named_parameters())
+    with torch.no_grad():
+        for name in select_parameters(m, spec):
+            w = params[name]
+            d1, d2 = direction(w, name, 1, spec), direction(w, name, 2, spec)
+            w.add_((alpha * d1 + beta * d2).to(w.dtype))
+    return m(x, t, y)

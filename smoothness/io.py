@@ -1,0 +1,94 @@
+"""The surface dataset's schema, atomic save/load, and resume checks.
+
+A surface file is netCDF (h5netcdf) holding one variable ``surface`` with dims
+(model, step, readout, seed, alpha, beta), a ``timestep`` coordinate on ``step``, and in ``attrs``
+everything needed to redo the run (``config`` is the full SurfaceConfig as JSON).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from .io_utils import atomic_path, versions
+
+DIMS = ("model", "step", "readout", "seed", "alpha", "beta")
+REQUIRED_ATTRS = ("config", "metric", "mode", "direction_seed", "norm", "params", "grid_alpha", "grid_beta",
+                  "chain", "models", "model_sha256", "versions")
+
+
+def surface_attrs(entries, cfg) -> dict:
+    p = cfg.perturbation
+    return {
+        "title": "feature-smoothness surface",
+        "config": cfg.to_json(),
+        "metric": cfg.metric,
+        "flatten": cfg.flatten,
+        "mode": p.mode,
+        "site": p.site or "",
+        "evaluation": cfg.evaluation,
+        "direction_seed": p.directions.seed,
+        "norm": p.directions.norm,
+        "params": p.directions.params,
+        "include_1d": int(p.directions.include_1d),
+        "grid_alpha": cfg.alpha,
+        "grid_beta": cfg.beta,
+        "chain": f"{cfg.sampler.sampler.upper()}-{cfg.sampler.num_steps}",
+        "cfg_scale": cfg.sampler.cfg_scale,
+        "class_label": cfg.class_label,
+        "seeds": json.dumps(list(cfg.seeds)),
+        "dtype": cfg.dtype,
+        "models": json.dumps({e.label: e.source for e in entries}),
+        "model_sha256": json.dumps({e.label: e.sha256 for e in entries}),
+        "versions": json.dumps(versions()),
+    }
+
+
+def check_schema(ds: xr.Dataset, where: str = "dataset") -> xr.Dataset:
+    if "surface" not in ds:
+        raise ValueError(f"{where} has no 'surface' variable; not a smoothness surface file")
+    if tuple(ds["surface"].dims) != DIMS:
+        raise ValueError(f"{where}: surface dims {tuple(ds['surface'].dims)} != expected {DIMS}")
+    missing = [a for a in REQUIRED_ATTRS if a not in ds.attrs]
+    if missing:
+        raise ValueError(f"{where} lacks attributes {', '.join(missing)}")
+    if "timestep" not in ds.coords:
+        raise ValueError(f"{where} lacks the timestep coordinate")
+    return ds
+
+
+def save(ds: xr.Dataset, path: str | Path) -> Path:
+    check_schema(ds)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+    return path
+
+
+def load(path: str | Path) -> xr.Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"surface file {str(path)!r} does not exist")
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as f:
+            ds = f.load()
+    except Exception as e:
+        raise ValueError(f"{str(path)!r} is not a readable netCDF file: {e}") from None
+    return check_schema(ds, str(path))
+
+
+def resumable(path: Path, expected: xr.Dataset) -> xr.Dataset | None:
+    """The partial dataset at ``path`` if it belongs to the same run (same config and models)."""
+    if not path.is_file():
+        return None
+    ds = load(path)
+    for key in ("config", "models", "model_sha256"):
+        if ds.attrs.get(key) != expected.attrs.get(key):
+            raise ValueError(f"{str(path)!r} is a partial surface of a different run ({key} differs); "
+                             "delete it or use another --out")
+    for dim in DIMS:
+        if not np.array_equal(ds[dim].values, expected[dim].values):
+            raise ValueError(f"{str(path)!r} has different {dim} coordinates; delete it or use another --out")
+    return ds
