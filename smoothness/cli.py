@@ -12,6 +12,8 @@ def run_cli(main, argv=None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:                       # argparse: usage errors (2) and --help (0)
+        return e.code if isinstance(e.code, int) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -164,7 +164,7 @@ def _trajectory(entry: ModelEntry, cfg: SurfaceConfig, diffusion: Diffusion, see
     col = _Collector(_sites(cfg.readouts), cfg.steps, g, rows, shape[0])
     with hooks.inject(entry.model, {s: col.hook for s in _sites(cfg.readouts)}):
         for rec in diffusion.sample_steps(wrapper, (g * shape[0], *shape[1:]), y.repeat(g), cfg.sampler,
-                                          seed=seed, groups=g, dtype=DTYPES[cfg.dtype]):
+                                          seed=seed, groups=g, dtype=DTYPES[cfg.dtype], device=y.device):
             if rec.step in cfg.steps:
                 out = rec.model_output.reshape(g, shape[0], *rec.model_output.shape[1:])
                 col.data[("output", rec.step)] = out[:, :, : shape[1]].float().cpu()
@@ -268,9 +268,9 @@ def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | No
                         block[r_i][:, chunk] = similarity.compare(feats, ref[r], cfg.metric, cfg.flatten).numpy().T
                     bar.update(1)
                 ds["surface"].values[m, s_i] = block.reshape(len(cfg.readouts), len(cfg.seeds), na, nb)
-                _summary(ds, m, s_i, log)
                 if partial is not None:
                     save(ds, partial)
+                _summary(ds, m, s_i, log)
     bar.close()
     return ds
 
@@ -301,8 +301,9 @@ def _parser():
     a("--ckpt", action="append", metavar="PATH", help="checkpoint path, repeatable; config inferred from its keys")
     a("--num-heads", type=int, default=None, help="attention heads for --ckpt when the width is not official "
       "(default: from the official size of that width)")
-    a("--steps", "--step", dest="steps", default=",".join(map(str, d.steps)),
-      help=f"sampler steps, 1-based, comma-separated (default: {','.join(map(str, d.steps))})")
+    a("--steps", "--step", dest="steps", default=None,
+      help="sampler steps, 1-based, comma-separated (default: 10 and the last step, as the paper's "
+           "DDPM steps 10 and 250)")
     a("--num-steps", type=int, default=d.sampler.num_steps, help=f"chain length (default: {d.sampler.num_steps})")
     a("--sampler", choices=["ddpm", "ddim"], default=d.sampler.sampler, help=f"(default: {d.sampler.sampler})")
     a("--grid", default=None, help=f"min:max:count for both alpha and beta (default: {d.alpha})")
@@ -351,7 +352,8 @@ def config_from_args(args) -> SurfaceConfig:
                         directions=DirectionSpec(seed=args.direction_seed, norm=args.norm, params=args.params,
                                                  include_1d=args.include_1d))
     sampler = replace(d.sampler, num_steps=args.num_steps, sampler=args.sampler, cfg_scale=args.cfg_scale)
-    return SurfaceConfig(steps=tuple(sorted(set(parse_int_list(args.steps, "--steps")))), sampler=sampler,
+    steps = parse_int_list(args.steps, "--steps") if args.steps else [min(10, args.num_steps), args.num_steps]
+    return SurfaceConfig(steps=tuple(sorted(set(steps))), sampler=sampler,
                          alpha=args.alpha or grid, beta=args.beta or grid, perturbation=pert,
                          evaluation=args.evaluation, readouts=tuple(r.strip() for r in args.readout.split(",") if r.strip()),
                          metric=args.metric, flatten=args.flatten,
