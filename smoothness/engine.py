@@ -92,7 +92,8 @@ class GridEngine:
                 return None if w is None else w.unsqueeze(0)         # (1, ...) shared
             d1, d2 = self._pair(full, w)
             shape = (-1,) + (1,) * w.dim()
-            return w.unsqueeze(0) + a.to(w.dtype).view(shape) * d1 + b.to(w.dtype).view(shape) * d2   # (G, ...)
+            out = torch.addcmul(w.unsqueeze(0), a.to(w.dtype).view(shape), d1)     # (G, ...), one pass each
+            return out.addcmul_(b.to(w.dtype).view(shape), d2)
 
         g = a.numel()
         if isinstance(module, nn.Linear):

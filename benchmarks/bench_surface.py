@@ -1,0 +1,109 @@
+"""Surface engine against a naive loop and against the floor, measured in one run.
+
+    python benchmarks/bench_surface.py                 # bundled digits DiT and a DiT-S/2-size model
+    python benchmarks/bench_surface.py --points 121 --repeats 3
+
+naive: for every grid point, copy the model, add alpha*d1 + beta*d2 to its weights, one forward
+       (directions precomputed once, as a careful user would; the copy is part of the loop).
+engine: GridEngine, grid points batched (``--batch-size`` points per forward).
+floor:  the same number of plain batched forwards of the unperturbed model (no perturbation at all).
+Prints times and the ratios naive/engine (goal >= 10x on the bundled model) and engine/floor
+(goal <= 1.2x). Medians of ``--repeats``; machine noise is large, the ratios are what count.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+import torch
+
+from smoothness.engine import GridEngine, Perturbation
+from smoothness.models import build
+from smoothness.perturb import DirectionSpec, directions
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench(name, model, points, batch_size, repeats, naive_points):
+    c = model.config
+    x = torch.randn(1, c.in_channels, c.input_size, c.input_size, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([500]), torch.tensor([1])
+    spec = DirectionSpec()
+    engine = GridEngine(model, Perturbation("weights", spec))
+    alphas = torch.linspace(-0.1, 0.1, points)
+    betas = torch.linspace(0.1, -0.1, points)
+
+    def run_engine():
+        for i in range(0, points, batch_size):
+            engine.forward(x, t, y, (alphas[i:i + batch_size], betas[i:i + batch_size]))
+
+    def run_floor():
+        for i in range(0, points, batch_size):
+            g = len(alphas[i:i + batch_size])
+            model(x.repeat(g, 1, 1, 1), t.repeat(g), y.repeat(g))
+
+    dirs = directions(model, spec)
+    params = dict(model.named_parameters())
+
+    def run_naive():
+        for i in range(naive_points):
+            m = copy.deepcopy(model)
+            mp = dict(m.named_parameters())
+            with torch.no_grad():
+                for n, (d1, d2) in dirs.items():
+                    mp[n].add_(alphas[i] * d1 + betas[i] * d2)
+            m(x, t, y)
+
+    with torch.inference_mode():
+        run_engine(), run_floor()                               # warm-up (and direction cache)
+        te = _median_time(run_engine, repeats)
+        tf = _median_time(run_floor, repeats)
+        tn = _median_time(run_naive, repeats) * points / naive_points
+    del params
+    print(f"{name:<34} {points:>5} pts  naive {tn:8.2f}s  engine {te:7.2f}s  floor {tf:7.2f}s  "
+          f"naive/engine {tn / te:6.1f}x  engine/floor {te / tf:5.2f}x")
+    return tn / te, te / tf
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--points", type=int, default=441, help="grid points (default: 441 = 21 x 21)")
+    p.add_argument("--batch-size", type=int, default=64, help="grid points per forward (default: 64)")
+    p.add_argument("--repeats", type=int, default=3, help="(default: 3)")
+    p.add_argument("--naive-points", type=int, default=20, help="naive loop points timed, scaled up (default: 20)")
+    p.add_argument("--skip-s2", action="store_true", help="only the bundled model")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    from smoothness.models import bundled
+    try:
+        digits = bundled.load("digits-skip-dit")
+        label = "digits-skip-dit (DiT-D/2, 16x16x1)"
+    except Exception:
+        torch.manual_seed(0)
+        digits = build("DiT-D/2-skip", input_size=16, in_channels=1, num_classes=10).eval()
+        label = "DiT-D/2-skip random (16x16x1)"
+    bench(label, digits, args.points, args.batch_size, args.repeats, args.naive_points)
+    if not args.skip_s2:
+        torch.manual_seed(0)
+        s2 = build("DiT-S/2-skip", input_size=32, in_channels=4, num_classes=1000).eval()
+        with torch.no_grad():
+            for prm in s2.parameters():
+                if prm.requires_grad:
+                    prm.normal_(0, 0.02)
+        # A single S/2 forward already keeps 2 cores busy: fewer points, smaller chunks.
+        bench("DiT-S/2-skip random (32x32x4)", s2, max(args.batch_size // 4, 8) * 2, max(args.batch_size // 4, 8),
+              args.repeats, 4)
+
+
+if __name__ == "__main__":
+    main()
