@@ -1,0 +1,125 @@
+"""Analytic MAC counts against a hand count and torch's FlopCounterMode (FLOPs = 2 x MACs)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from smoothness.cache import CacheConfig, apply_cache, flops
+from smoothness.diffusion import space_timesteps
+from smoothness.models import build
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def mini(depth=4, skips=True):
+    return build("DiT-Mini/2" + ("-skip" if skips else ""), input_size=8, in_channels=1, num_classes=10,
+                 depth=depth).eval()
+
+
+def test_hand_count_dit_mini():
+    # DiT-Mini/2 on 8x8x1: T = 16 tokens, H = 64, MLP 256, p = 2, C_out = 2 (learned sigma)
+    c = flops.components(flops.Shape.of(mini()))
+    assert c == {
+        "x_embedder": 16 * 64 * 4,                  # 4 096
+        "t_embedder": 256 * 64 + 64 * 64,           # 20 480
+        "y_embedder": 0,
+        "block.adaLN": 64 * 384,                    # 24 576
+        "block.attn.qkv": 16 * 64 * 192,            # 196 608
+        "block.attn.scores": 16 * 16 * 64,          # 16 384
+        "block.attn.values": 16 * 16 * 64,          # 16 384
+        "block.attn.proj": 16 * 64 * 64,            # 65 536
+        "block.mlp": 2 * 16 * 64 * 256,             # 524 288
+        "fusion": 16 * 128 * 64,                    # 131 072
+        "final.adaLN": 64 * 128,                    # 8 192
+        "final.linear": 16 * 64 * 8,                # 8 192
+    }
+    shape = flops.Shape.of(mini())
+    assert flops.block_macs(shape) == 843_776
+    assert flops.call_macs(shape) == 4096 + 20480 + 4 * 843_776 + 2 * 131_072 + 8192 + 8192   # 3 678 208
+    assert flops.call_macs(shape, "skip-cache", k=1, full=False) == 4096 + 20480 + 2 * 843_776 + 131_072 + 16384
+
+
+def test_dit_xl_matches_the_dit_paper():
+    shape = flops.Shape.of(build("DiT-XL/2", device="meta"))
+    assert flops.call_macs(shape) / 1e9 == pytest.approx(118.6, abs=0.05)       # DiT paper: 118.6 Gflops (MACs)
+    skip = flops.Shape.of(build("DiT-XL/2-skip", device="meta"))
+    assert flops.components(skip)["fusion"] == 2 * 256 * 1152 ** 2
+    assert flops.call_macs(skip) / flops.call_macs(shape) == pytest.approx(1.080, abs=0.001)   # spec: +8.0 %
+
+
+def _sdpa_counted() -> bool:
+    q = torch.randn(1, 1, 4, 8)
+    with FlopCounterMode(display=False) as fc:
+        F.scaled_dot_product_attention(q, q, q)
+    return fc.get_total_flops() > 0
+
+
+def test_attention_matmuls_by_hand_match():
+    shape = flops.Shape.of(mini())
+    c = flops.components(shape)
+    q = torch.randn(2, 2, 16, 32)                     # (N, heads, T, H / heads), H = 64
+    with FlopCounterMode(display=False) as fc:
+        w = (q @ q.transpose(-1, -2)).softmax(-1)
+        w @ q
+    assert fc.get_total_flops() == 2 * 2 * (c["block.attn.scores"] + c["block.attn.values"])
+
+
+def test_full_forward_matches_flop_counter():
+    model = mini(depth=4)
+    shape, c = flops.Shape.of(model), flops.components(flops.Shape.of(model))
+    n = 3
+    x, t, y = torch.randn(n, 1, 8, 8), torch.full((n,), 10), torch.tensor([1, 2, 10])
+    with torch.no_grad(), FlopCounterMode(display=False, depth=None) as fc:
+        model(x, t, y)
+    counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+    attn_mm = 0 if _sdpa_counted() else shape.depth * (c["block.attn.scores"] + c["block.attn.values"])
+    assert counts["Global"] == 2 * n * (flops.call_macs(shape) - attn_mm)
+    assert counts["DiT.blocks.0.mlp"] == 2 * n * c["block.mlp"]
+    assert counts["DiT.blocks.1.adaLN_modulation"] == 2 * n * c["block.adaLN"]
+    assert counts["DiT.skip_linears.0"] == 2 * n * c["fusion"]
+    assert counts["DiT.x_embedder"] == 2 * n * c["x_embedder"]
+    assert counts["DiT.t_embedder"] == 2 * n * c["t_embedder"]
+    assert counts["DiT.final_layer"] == 2 * n * (c["final.adaLN"] + c["final.linear"])
+    qkv_proj = c["block.attn.qkv"] + c["block.attn.proj"]
+    assert counts["DiT.blocks.2.attn"] == 2 * n * (qkv_proj + (0 if attn_mm else c["block.attn.scores"] * 2))
+
+
+@pytest.mark.parametrize("method,blocks_with_attention", [
+    ("skip-cache", 4), ("deep-reuse", 2), ("delta", 4), ("fora", 0), ("none", 8)])
+def test_cached_call_matches_flop_counter(method, blocks_with_attention):
+    model = mini(depth=8)
+    shape, c = flops.Shape.of(model), flops.components(flops.Shape.of(model))
+    n, k = 2, 2
+    x, t, y = torch.randn(n, 1, 8, 8), torch.full((n,), 500), torch.tensor([1, 10])
+    with torch.no_grad(), apply_cache(model, CacheConfig(method=method, interval=2, k=k)) as state:
+        model(x, t, y)
+        with FlopCounterMode(display=False) as fc:
+            model(x, t, y)
+    full = state.calls[-1].full
+    assert full == (method == "none")
+    attn_mm = 0 if _sdpa_counted() else blocks_with_attention * (c["block.attn.scores"] + c["block.attn.values"])
+    assert fc.get_total_flops() == 2 * n * (flops.call_macs(shape, method, k, full) - attn_mm)
+
+
+def test_schedule_cost_and_speedup():
+    model = build("DiT-XL/2-skip", device="meta")
+    chain = space_timesteps(1000, "250")[::-1]
+    shape = flops.Shape.of(model)
+    full, cached = flops.call_macs(shape), flops.call_macs(shape, "skip-cache", 4, full=False)
+    assert cached / full == pytest.approx(8 / 28, abs=0.02)          # spec: cached/full = 0.286
+    cfg = CacheConfig.preset("dit-c2i", interval=2)
+    ds = flops.schedule_cost(model, cfg, chain, batch=2)
+    sched = cfg.schedule(chain)
+    assert ds.attrs["full_steps"] == sched.num_full and ds.macs.dims == ("step",)
+    assert ds.attrs["total_macs"] == 2 * (sched.num_full * full + sched.num_cached * cached)
+    assert ds.attrs["theoretical_speedup"] == pytest.approx(250 * full / (sched.num_full * full
+                                                                          + sched.num_cached * cached))
+    speedups = [flops.theoretical_speedup(model, CacheConfig.preset("dit-c2i", n), chain) for n in range(2, 7)]
+    assert speedups == sorted(speedups) and 1.5 < speedups[0] < 1.6
+    assert flops.table(model).dims == ("component",)
