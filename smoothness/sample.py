@@ -68,6 +68,10 @@ def main(argv=None):
     p.add_argument("--per-class", type=int, default=8, help="samples per class (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
+    p.add_argument("--score-samples", type=int, default=0, metavar="N",
+                   help="also draw N samples per model (classes balanced) and print the digits classifier's "
+                        "accuracy and the Frechet distance to held-out digits (default: 0, off)")
+    p.add_argument("--batch-size", type=int, default=250, help="samples per batch when scoring (default: 250)")
     args = p.parse_args(argv)
     from .cli import parse_int_list
     classes = parse_int_list(args.classes, "--classes")
@@ -91,6 +95,29 @@ def main(argv=None):
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
         print(f"{label}: {len(samples)} samples in {time.time() - t0:.1f}s -> {path}")
+        if args.score_samples:
+            score(label, model, args.score_samples, args.batch_size, model_config, args.seed)
+
+
+def score(label, model, n: int, batch_size: int, config: SamplerConfig, seed: int):
+    """Classifier accuracy and Frechet distance of ``n`` class-balanced samples (digits models only)."""
+    from . import metrics
+    if not bundled.is_pixel_digits(model):
+        raise ValueError(f"--score-samples needs a 16x16 one-channel digits model; {label} is not one")
+    t0 = time.time()
+    labels = torch.arange(n) % 10
+    parts = []
+    for i, start in enumerate(range(0, n, batch_size)):
+        y = labels[start:start + batch_size]
+        diffusion = Diffusion.for_config(config)
+        with torch.inference_mode():
+            parts.append(diffusion.sample(model, (len(y), 1, 16, 16), y, config, seed=seed + 1000 + i))
+    images = torch.cat(parts)
+    acc = float(metrics.classifier_accuracy(images, labels))
+    fd = float(metrics.frechet_distance(images))
+    print(f"{label}: accuracy {acc:.4f} on {n} samples, Frechet distance {fd:.3f} "
+          f"({config.sampler.upper()}-{config.num_steps}, cfg {config.cfg_scale}, seed {seed}, {time.time() - t0:.0f}s)")
+    return acc, fd
 
 
 if __name__ == "__main__":

@@ -104,6 +104,31 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, save_every: int = 2
     return meta
 
 
+def loss_figure(checkpoints: dict[str, Path], window: int = 50):
+    """Training-loss curves (moving average over ``window`` steps) from checkpoints' ``meta``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .models import read_state_dict
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, path in checkpoints.items():
+        _, meta = read_state_dict(path)
+        if "losses" not in meta:
+            raise ValueError(f"{str(path)!r} carries no loss curve (meta['losses'])")
+        loss = meta["losses"].double().numpy()
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(window, len(loss) + 1), smooth, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"hybrid loss (mean of {window})")
+    ax.set_title("bundled digits models: training loss")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m smoothness.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,10 +140,21 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads, 0 = default (default: 0)")
-    p.add_argument("--out", type=Path, required=True, help="checkpoint path (.pt)")
+    p.add_argument("--out", type=Path, help="checkpoint path (.pt)")
+    p.add_argument("--plot-losses", type=Path, metavar="PNG",
+                   help="instead of training, draw the bundled models' loss curves into PNG")
     p.add_argument("--save-every", type=int, default=200, help="training-state interval (default: 200)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt if present")
     args = p.parse_args(argv)
+    if args.plot_losses:
+        from .models.bundled import diffusion_models, weight_path
+        fig = loss_figure({n: weight_path(n) for n in diffusion_models()})
+        with atomic_path(args.plot_losses) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        print(f"wrote {args.plot_losses}")
+        return
+    if args.out is None:
+        raise ValueError("--out is required to train (or use --plot-losses)")
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; use a positive integer")
