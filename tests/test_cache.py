@@ -326,3 +326,35 @@ def test_bad_preset_names():
         preset("N2-700")
     with pytest.raises(ValueError, match="inverted"):
         CacheRule(interval=2, t_start=50, t_stop=700)
+
+
+# ------------------------------------------------------------------------ CLI
+def test_cli_sweep_writes_labelled_outputs(tmp_path):
+    import xarray as xr
+    from smoothness.cache.cli import main
+    ckpt = tmp_path / "mini-skip.pt"
+    torch.save(tiny(True, depth=4).state_dict(), ckpt)
+    main(["--ckpt", str(ckpt), "--num-sampling-steps", "4", "--intervals", "2", "--k", "1", "--classes", "1,2",
+          "--per-class", "1", "--methods", "skip-cache,fora", "--out", str(tmp_path), "--name", "s"])
+    ds = xr.open_dataset(tmp_path / "s.nc", engine="h5netcdf")
+    assert ds.psnr.dims == ("model", "method", "interval", "k", "window", "seed")
+    assert list(ds.method.values) == ["skip-cache", "fora"] and ds.attrs["num_sampling_steps"] == 4
+    assert int(ds.full_steps.sel({"method": "skip-cache"}).item()) == 2
+    assert ds.step_cosine.dims[-1] == "step" and list(ds.timestep.values) == Diffusion.respaced(4).chain
+    assert (tmp_path / "s.png").stat().st_size > 0 and b"plotly" in (tmp_path / "s.html").read_bytes()[:200000]
+    ds.close()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--intervals", "0"], "interval=0"),
+    (["--k", "x"], "--k 'x'"),
+    (["--methods", "teacache"], "'teacache'"),
+    (["--windows", "700-50"], "inverted"),
+    (["--windows", "20to1000"], "STOP-START"),
+])
+def test_cli_bad_input_exits_2(argv, words, capsys):
+    from smoothness.cache.cli import main
+    from smoothness.cli import run_cli
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and err.count("\n") == 1
