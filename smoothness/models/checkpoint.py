@@ -6,6 +6,7 @@ a file that would need to run code to unpickle is refused.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import replace
 from pathlib import Path
@@ -106,7 +107,9 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> D
                      skips=n_skip > 0)
 
 
+@functools.lru_cache(maxsize=None)
 def expected_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of the state dict a configuration has (built on meta, cached; do not mutate)."""
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in DiT(config).state_dict().items()}
 
