@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from ..cli import parse_int_list, run_cli
 from ..diffusion import Diffusion, SamplerConfig
 from ..io_utils import atomic_path, check_writable, versions
 from . import flops
+from .schedule import preset
 from .skip_cache import METHODS, CacheConfig, apply_cache
 
 SCORES = {  # variable: (long name, units)
@@ -111,8 +113,13 @@ def sweep(models: dict, sampler: SamplerConfig, methods, intervals, ks, windows,
                 except ValueError as e:
                     log(f"  {label} {cfg.name}: skipped ({e})")
                     continue
-                x, out, sec, state = run_chain(model, diffusion, shape, y, sampler, seed, cfg)
                 at = (mi, ai, ni, ki, wi, si)
+                if method == "fora" and ki > 0:                      # FORA does not use k: same run
+                    for v in data:
+                        data[v][at] = data[v][(mi, ai, ni, 0, wi, si)]
+                    cos[at], masks[at] = cos[(mi, ai, ni, 0, wi, si)], masks[(mi, ai, ni, 0, wi, si)]
+                    continue
+                x, out, sec, state = run_chain(model, diffusion, shape, y, sampler, seed, cfg)
                 data["psnr"][at] = metrics.psnr(x, ref, data_range=2.0).mean().item()
                 side = min(x.shape[-2:])                              # 11-tap Gaussian window, or smaller
                 win = min(11, side if side % 2 else side - 1)
@@ -244,6 +251,9 @@ def _parser():
       "(default: 20-1000, the official DiT rule)")
     a("--stop-rule", choices=["le", "lt"], default="le", help="reset after t <= STOP (le, DiT) or t < STOP "
       "(lt, Latte c2v) (default: le)")
+    a("--preset", default=None, help="official settings: dit-c2i (k=4, 20-1000, le), latte-c2v (k=1, 50-900, lt), "
+      "latte-t2v (k=1, 50-700, le) or N<interval>-<start>-<stop>, e.g. N2-700-50; replaces --k, --windows, "
+      "--stop-rule (and --intervals for the N spelling) (default: none)")
     a("--num-sampling-steps", type=int, default=50, help="(default: 50)")
     a("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="(default: ddpm)")
     a("--cfg-scale", type=float, default=3.0, help="guidance >= 1 (default: 3.0, the digits setting)")
@@ -265,6 +275,11 @@ def main(argv=None):
             raise ValueError(f"unknown method {m!r} in --methods; allowed: skip-cache, deep-reuse, delta, fora")
     intervals, ks = parse_int_list(args.intervals, "--intervals"), parse_int_list(args.k, "--k")
     windows, seeds = parse_windows(args.windows), parse_int_list(args.seed, "--seed")
+    if args.preset:
+        k, rule = preset(args.preset, intervals[0])
+        ks, windows, args.stop_rule = [k], [(rule.t_stop, rule.t_start)], "le" if rule.stop_inclusive else "lt"
+        if re.match(r"N\d", args.preset):
+            intervals = [rule.interval]
     classes = parse_int_list(args.classes, "--classes")
     if args.per_class < 1:
         raise ValueError(f"--per-class={args.per_class} is not allowed; use a positive integer")
@@ -283,6 +298,8 @@ def main(argv=None):
         for y in classes:
             if not 0 <= y < model.config.num_classes:
                 raise ValueError(f"class label {y} is not allowed; {n} has classes 0..{model.config.num_classes - 1}")
+        for k in ks:
+            CacheConfig(method="delta", k=k).check(model)        # k within half the depth, for every model
         models[bundled.label(n)] = model
     if len(models) != len(names):
         raise ValueError(f"model labels must be distinct, got {names}")
@@ -295,7 +312,10 @@ def main(argv=None):
     t0 = time.time()
     ds = sweep(models, sampler, methods, intervals, ks, windows, seeds, classes, args.per_class,
                stop_inclusive=args.stop_rule == "le")
-    ds.attrs.update(models=",".join(str(n) for n in names), seconds_total=time.time() - t0)
+    from ..models import sha256
+    paths_ = [bundled.weight_path(n) if n in bundled.BUNDLED else Path(n) for n in names]
+    ds.attrs.update(models=",".join(str(n) for n in names), sha256=",".join(sha256(p) for p in paths_),
+                    preset=args.preset or "", methods=",".join(methods), seconds_total=time.time() - t0)
     paths = write(ds, out, args.name)
     print(table(ds))
     print(f"{time.time() - t0:.0f}s; wrote " + ", ".join(str(p) for p in paths))
