@@ -351,6 +351,8 @@ def test_cli_sweep_writes_labelled_outputs(tmp_path):
     (["--methods", "teacache"], "'teacache'"),
     (["--windows", "700-50"], "inverted"),
     (["--windows", "20to1000"], "STOP-START"),
+    (["--preset", "dit"], "unknown preset 'dit'"),
+    (["--threads", "0"], "--threads=0"),
 ])
 def test_cli_bad_input_exits_2(argv, words, capsys):
     from smoothness.cache.cli import main
