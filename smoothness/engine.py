@@ -29,6 +29,7 @@ from .diffusion import guide
 from .perturb import DirectionSpec, direction, feature_direction, select_parameters
 
 MODES = ("weights", "features", "latent")
+LINEARITY_ROWS = 16     # at most this many rows per grid point: perturb by linearity, not weight copies
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,20 @@ class GridEngine:
         g = a.numel()
         if isinstance(module, nn.Linear):
             def fwd(x):
-                w, bias = value("weight"), value("bias")
                 xs = x.reshape(g, -1, x.shape[-1])                     # (G, R*T, in)
+                bias = value("bias")
+                wname = names["weight"]
+                if xs.shape[1] <= LINEARITY_ROWS and wname in self.param_names:
+                    # Few rows per point (adaLN sees one per sample): use linearity instead of
+                    # building G weight copies: x W' = x W + alpha (x D1) + beta (x D2).
+                    d1, d2 = self._pair(wname, module.weight)
+                    co = lambda c: c.to(x.dtype).view(-1, 1, 1)
+                    out = F.linear(xs, module.weight)
+                    out = out.addcmul_(co(a), F.linear(xs, d1)).addcmul_(co(b), F.linear(xs, d2))
+                    if bias is not None:
+                        out = out + bias.unsqueeze(1)
+                    return out.reshape(*x.shape[:-1], module.out_features)
+                w = value("weight")
                 wt = w.expand(g, -1, -1).transpose(1, 2)               # (G, in, out)
                 out = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.expand(g, -1).unsqueeze(1), xs, wt)
                 return out.reshape(*x.shape[:-1], w.shape[1])
