@@ -33,16 +33,17 @@ def _zlim(s: xr.DataArray):
 
 
 def surfaces(ds: xr.Dataset, readout: str | None = None, seed=None, kind: str = "3d", cmap: str = "viridis"):
-    """The paper's layout: models side by side, one row per step, shared z range.
-    ``kind`` is ``"3d"`` (plot_surface) or ``"contour"`` (filled contours)."""
+    """The paper's layout: models side by side, one row per step; the models of a row share one z
+    range (as the paper's Fig. 2, whose rows have their own ranges). ``kind`` is ``"3d"``
+    (plot_surface) or ``"contour"`` (filled contours)."""
     if kind not in ("3d", "contour"):
         raise ValueError(f"unknown kind {kind!r}; allowed: 3d, contour")
     s = _panel(ds, readout, seed)
     models, steps = list(s.model.values), list(s.step.values)
-    zlo, zhi = _zlim(s)
     fig = plt.figure(figsize=(4.2 * len(models), 3.6 * len(steps)))
     metric = ds["surface"].attrs.get("long_name", "similarity")
     for r, step in enumerate(steps):
+        zlo, zhi = _zlim(s.sel(step=step))
         for c, model in enumerate(models):
             da = s.sel(model=model, step=step)
             X, Y, Z = _xyz(da)
@@ -91,18 +92,18 @@ def surfaces_plotly(ds: xr.Dataset, readout: str | None = None, seed=None):
     from plotly.subplots import make_subplots
     s = _panel(ds, readout, seed)
     models, steps = list(s.model.values), list(s.step.values)
-    zlo, zhi = _zlim(s)
     fig = make_subplots(rows=len(steps), cols=len(models), specs=[[{"type": "surface"}] * len(models)] * len(steps),
                         subplot_titles=[f"{m} step {int(st)}" for st in steps for m in models])
     metric = ds["surface"].attrs.get("long_name", "similarity")
     for r, step in enumerate(steps):
+        zlo, zhi = _zlim(s.sel(step=step))
         for c, model in enumerate(models):
             da = s.sel(model=model, step=step)
             _, _, Z = _xyz(da)
             fig.add_trace(go.Surface(x=da["alpha"].values, y=da["beta"].values, z=Z, cmin=zlo, cmax=zhi,
-                                     colorscale="Viridis", showscale=(r == 0 and c == 0), name=f"{model} step {int(step)}",
+                                     colorscale="Viridis", showscale=False, name=f"{model} step {int(step)}",
                                      hovertemplate="alpha %{x:.3g}<br>beta %{y:.3g}<br>" + metric + " %{z:.5f}<extra></extra>"),
                           row=r + 1, col=c + 1)
-    fig.update_scenes(xaxis_title="alpha", yaxis_title="beta", zaxis_title=metric, zaxis_range=[zlo, zhi])
+    fig.update_scenes(xaxis_title="alpha", yaxis_title="beta", zaxis_title=metric)
     fig.update_layout(height=420 * len(steps), width=520 * len(models), title=f"{metric} surfaces")
     return fig

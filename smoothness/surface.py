@@ -33,8 +33,8 @@ EVALUATIONS = ("local", "trajectory")
 class SurfaceConfig:
     steps: tuple[int, ...] = (10, 250)       # sampler iterations, 1-based (the paper's DDPM steps 10 and 250)
     sampler: SamplerConfig = SamplerConfig(num_steps=250, clip_denoised=True)   # the unperturbed chain
-    alpha: str = "-0.2:0.2:21"               # min:max:count; 0 is always added to the grid
-    beta: str = "-0.2:0.2:21"
+    alpha: str = "-0.25:0.25:21"             # min:max:count; 0 is always added to the grid
+    beta: str = "-0.25:0.25:21"
     perturbation: Perturbation = Perturbation()
     evaluation: str = "local"                # local | trajectory
     readouts: tuple[str, ...] = ("output",)  # "output" (the eps prediction, the paper's) and/or sites
