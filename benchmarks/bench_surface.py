@@ -66,13 +66,16 @@ def bench(name, model, points, batch_size, repeats, naive_points):
 
     with torch.inference_mode():
         run_engine(), run_floor()                               # warm-up (and direction cache)
-        te = _median_time(run_engine, repeats)
-        tf = _median_time(run_floor, repeats)
-        tn = _median_time(run_naive, repeats) * points / naive_points
+        # Interleave engine and floor so that load drift on a shared machine hits both alike.
+        pairs = [(_median_time(run_engine, 1), _median_time(run_floor, 1)) for _ in range(repeats)]
+        te = statistics.median(p[0] for p in pairs)
+        tf = statistics.median(p[1] for p in pairs)
+        tn = _median_time(run_naive, 1) * points / naive_points
     del params
-    print(f"{name:<34} {points:>5} pts  naive {tn:8.2f}s  engine {te:7.2f}s  floor {tf:7.2f}s  "
-          f"naive/engine {tn / te:6.1f}x  engine/floor {te / tf:5.2f}x")
-    return tn / te, te / tf
+    ratio = statistics.median(e / f for e, f in pairs)
+    print(f"{name:<36} {points:>4} pts  naive {tn:7.2f}s  engine {te:6.2f}s  floor {tf:6.2f}s  "
+          f"naive/engine {tn / te:5.1f}x  engine/floor {ratio:4.2f}x (median of {repeats} interleaved pairs)")
+    return tn / te, ratio
 
 
 def main():
