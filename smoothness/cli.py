@@ -29,3 +29,14 @@ def parse_int_list(text: str, what: str) -> list[int]:
     if not vals:
         raise ValueError(f"{what} is empty")
     return vals
+
+
+def add_model_args(parser):
+    """The model-selection flags every CLI shares: --model, --ckpt, --num-heads."""
+    parser.add_argument("--model", action="append", metavar="NAME",
+                        help="bundled model, repeatable (default: digits-dit and digits-skip-dit)")
+    parser.add_argument("--ckpt", action="append", metavar="PATH",
+                        help="checkpoint path, repeatable; its model is built from its keys and shapes")
+    parser.add_argument("--num-heads", type=int, default=None,
+                        help="attention heads for --ckpt when the width is not an official size's "
+                             "(default: from the official size of that width)")

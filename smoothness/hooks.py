@@ -76,7 +76,7 @@ def resolve_sites(model: nn.Module, patterns: str | Iterable[str]) -> list[str]:
     available = list(model.sites())
     chosen: list[str] = []
     for pat in patterns:
-        regex = _pattern_regex(pat)
+        regex = pattern_regex(pat)
         hits = [s for s in available if regex.fullmatch(s)]
         if not hits:
             raise ValueError(f"unknown site {pat!r}; allowed: {_summarise(available)}")
@@ -85,14 +85,16 @@ def resolve_sites(model: nn.Module, patterns: str | Iterable[str]) -> list[str]:
     return sorted(chosen, key=order.__getitem__)
 
 
-def _pattern_regex(pat: str) -> re.Pattern:
+def pattern_regex(pat: str) -> re.Pattern:
+    """A dotted name pattern as a regex: ``*`` / ``?`` stay within one component, ``a-b`` in an
+    index position is an inclusive range (``blocks.0-6``)."""
     parts = []
     for comp in pat.split("."):
         m = re.fullmatch(r"(\d+)-(\d+)", comp)
         if m:
             lo, hi = int(m.group(1)), int(m.group(2))
             if lo > hi:
-                raise ValueError(f"site range {comp!r} in {pat!r} is inverted; write low-high")
+                raise ValueError(f"range {comp!r} in {pat!r} is inverted; write low-high")
             parts.append("(?:" + "|".join(str(i) for i in range(lo, hi + 1)) + ")")
         else:
             parts.append(re.escape(comp).replace(r"\*", "[^.]*").replace(r"\?", "[^.]"))

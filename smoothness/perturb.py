@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .hooks import pattern_regex
+
 NORMS = ("filter", "layer", "none")
 DEFAULT_PARAMS = "blocks.*"      # every transformer block; skip fusions, embedders and head untouched
 
@@ -40,17 +42,7 @@ class DirectionSpec:
 
 def _module_regex(pattern: str) -> re.Pattern:
     """A module pattern (``blocks.*``, ``blocks.0-6``) as a regex over parameter names under it."""
-    parts = []
-    for comp in pattern.split("."):
-        m = re.fullmatch(r"(\d+)-(\d+)", comp)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if lo > hi:
-                raise ValueError(f"range {comp!r} in {pattern!r} is inverted; write low-high")
-            parts.append("(?:" + "|".join(str(i) for i in range(lo, hi + 1)) + ")")
-        else:
-            parts.append(re.escape(comp).replace(r"\*", "[^.]*"))
-    return re.compile(r"(?:" + r"\.".join(parts) + r")(?:\..+)?")
+    return re.compile(r"(?:" + pattern_regex(pattern).pattern + r")(?:\..+)?")
 
 
 def select_parameters(model: nn.Module, spec: DirectionSpec) -> list[str]:

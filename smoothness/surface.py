@@ -292,15 +292,13 @@ def _summary(ds: xr.Dataset, m: int, s: int, log):
 
 def _parser():
     import argparse
+
+    from .cli import add_model_args
     d = SurfaceConfig()
     p = argparse.ArgumentParser(prog="python -m smoothness.surface", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", action="append", metavar="NAME", help="bundled model, repeatable "
-      "(default: digits-dit and digits-skip-dit)")
-    a("--ckpt", action="append", metavar="PATH", help="checkpoint path, repeatable; config inferred from its keys")
-    a("--num-heads", type=int, default=None, help="attention heads for --ckpt when the width is not official "
-      "(default: from the official size of that width)")
+    add_model_args(p)
     a("--steps", "--step", dest="steps", default=None,
       help="sampler steps, 1-based, comma-separated (default: 10 and the last step, as the paper's "
            "DDPM steps 10 and 250)")

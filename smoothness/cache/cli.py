@@ -26,7 +26,7 @@ import torch
 import xarray as xr
 
 from .. import metrics
-from ..cli import parse_int_list, run_cli
+from ..cli import add_model_args, parse_int_list, run_cli
 from ..diffusion import Diffusion, SamplerConfig
 from ..io_utils import atomic_path, check_writable, versions
 from . import flops
@@ -252,10 +252,7 @@ def _parser():
     p = argparse.ArgumentParser(prog="python -m smoothness.cache", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", action="append", metavar="NAME", help="bundled model, repeatable (default: digits-dit and "
-      "digits-skip-dit)")
-    a("--ckpt", action="append", metavar="PATH", help="checkpoint path, repeatable; config inferred from its keys")
-    a("--num-heads", type=int, default=None, help="attention heads for --ckpt (default: by width)")
+    add_model_args(p)
     a("--methods", default="skip-cache,deep-reuse,delta,fora",
       help="comma-separated, from skip-cache, deep-reuse, delta, fora (default: all four; none is the reference)")
     a("--intervals", "--cache-interval", dest="intervals", default="2,3,4", help="N values (default: 2,3,4)")
