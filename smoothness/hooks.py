@@ -48,6 +48,16 @@ def cfg_scope(cond_rows: int | None):
         _CFG.reset(token)
 
 
+def current_step() -> tuple[int | None, int | None]:
+    """(step, timestep) of the enclosing ``step_scope``; (None, None) outside a sampler."""
+    return _STEP.get()
+
+
+def current_cfg_rows() -> int | None:
+    """Conditional rows of the enclosing ``cfg_scope`` batch; None when the batch is not a CFG pair."""
+    return _CFG.get()
+
+
 @dataclass(frozen=True)
 class HookContext:
     site: str

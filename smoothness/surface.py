@@ -145,7 +145,7 @@ class _GroupedModel(torch.nn.Module):
         self.g = len(coef[0])
 
     def forward(self, x, t, y):
-        cond = hooks._CFG.get()
+        cond = hooks.current_cfg_rows()
         if cond is None:
             return self.engine.run(x, t, y, self.coef)
         r0 = cond // self.g                                             # rows per group per half

@@ -119,7 +119,7 @@ class CacheState:
     # ------------------------------------------------------------ decisions
     def begin(self, t: int, batch: tuple[int, ...]) -> bool:
         """Decide full (True) or cached (False) for the call about to run."""
-        step, _ = hooks._STEP.get()          # the sampler's step scope (None outside a sampler)
+        step, _ = hooks.current_step()          # the sampler's step scope (None outside a sampler)
         if step == 1 and self.calls:          # a new chain: never carry cache state across generations
             self.reset()
         cfg = self.config
@@ -141,7 +141,7 @@ class CacheState:
         return full
 
     def end(self, t: int, full: bool, seconds: float):
-        step, _ = hooks._STEP.get()
+        step, _ = hooks.current_step()
         self.calls.append(CallRecord(step, t, full, seconds))
         self.rule_state.after(t, full)
         if self.config.mask is None and not self.rule_state.has_cache:
