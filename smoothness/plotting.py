@@ -32,6 +32,16 @@ def _zlim(s: xr.DataArray):
     return lo - pad, hi + pad
 
 
+def _cells(s: xr.DataArray):
+    """(row, col, step, model, panel, zlo, zhi) for each model (column) and step (row); the models of a
+    row share one z range."""
+    models, steps = list(s.model.values), list(s.step.values)
+    for r, step in enumerate(steps):
+        zlo, zhi = _zlim(s.sel(step=step))
+        for c, model in enumerate(models):
+            yield r, c, step, model, s.sel(model=model, step=step), zlo, zhi
+
+
 def surfaces(ds: xr.Dataset, readout: str | None = None, seed=None, kind: str = "3d", cmap: str = "viridis"):
     """The paper's layout: models side by side, one row per step; the models of a row share one z
     range (as the paper's Fig. 2, whose rows have their own ranges). ``kind`` is ``"3d"``
@@ -42,25 +52,22 @@ def surfaces(ds: xr.Dataset, readout: str | None = None, seed=None, kind: str = 
     models, steps = list(s.model.values), list(s.step.values)
     fig = plt.figure(figsize=(4.2 * len(models), 3.6 * len(steps)))
     metric = ds["surface"].attrs.get("long_name", "similarity")
-    for r, step in enumerate(steps):
-        zlo, zhi = _zlim(s.sel(step=step))
-        for c, model in enumerate(models):
-            da = s.sel(model=model, step=step)
-            X, Y, Z = _xyz(da)
-            idx = r * len(models) + c + 1
-            title = f"{model}\nstep {int(step)} (t={int(da.timestep)})"
-            if kind == "3d":
-                ax = fig.add_subplot(len(steps), len(models), idx, projection="3d")
-                ax.plot_surface(X, Y, Z, cmap=cmap, vmin=zlo, vmax=zhi, linewidth=0, antialiased=True)
-                ax.set_zlim(zlo, zhi)
-                ax.set_zlabel(metric, fontsize=7)
-            else:
-                ax = fig.add_subplot(len(steps), len(models), idx)
-                cs = ax.contourf(X, Y, Z, levels=np.linspace(zlo, zhi, 16), cmap=cmap)
-                fig.colorbar(cs, ax=ax, shrink=0.8, label=metric)
-            ax.set_xlabel("alpha")
-            ax.set_ylabel("beta")
-            ax.set_title(title, fontsize=9)
+    for r, c, step, model, da, zlo, zhi in _cells(s):
+        X, Y, Z = _xyz(da)
+        idx = r * len(models) + c + 1
+        title = f"{model}\nstep {int(step)} (t={int(da.timestep)})"
+        if kind == "3d":
+            ax = fig.add_subplot(len(steps), len(models), idx, projection="3d")
+            ax.plot_surface(X, Y, Z, cmap=cmap, vmin=zlo, vmax=zhi, linewidth=0, antialiased=True)
+            ax.set_zlim(zlo, zhi)
+            ax.set_zlabel(metric, fontsize=7)
+        else:
+            ax = fig.add_subplot(len(steps), len(models), idx)
+            cs = ax.contourf(X, Y, Z, levels=np.linspace(zlo, zhi, 16), cmap=cmap)
+            fig.colorbar(cs, ax=ax, shrink=0.8, label=metric)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("beta")
+        ax.set_title(title, fontsize=9)
     src = ds.attrs.get("mode", "")
     fig.suptitle(f"{metric} of the {s.readout.item() if s.readout.size == 1 else ''} under {src} perturbation "
                  f"({ds.attrs.get('norm', '')}-normalized, {ds.attrs.get('chain', '')})", fontsize=10)
@@ -95,15 +102,12 @@ def surfaces_plotly(ds: xr.Dataset, readout: str | None = None, seed=None):
     fig = make_subplots(rows=len(steps), cols=len(models), specs=[[{"type": "surface"}] * len(models)] * len(steps),
                         subplot_titles=[f"{m} step {int(st)}" for st in steps for m in models])
     metric = ds["surface"].attrs.get("long_name", "similarity")
-    for r, step in enumerate(steps):
-        zlo, zhi = _zlim(s.sel(step=step))
-        for c, model in enumerate(models):
-            da = s.sel(model=model, step=step)
-            _, _, Z = _xyz(da)
-            fig.add_trace(go.Surface(x=da["alpha"].values, y=da["beta"].values, z=Z, cmin=zlo, cmax=zhi,
-                                     colorscale="Viridis", showscale=False, name=f"{model} step {int(step)}",
-                                     hovertemplate="alpha %{x:.3g}<br>beta %{y:.3g}<br>" + metric + " %{z:.5f}<extra></extra>"),
-                          row=r + 1, col=c + 1)
+    for r, c, step, model, da, zlo, zhi in _cells(s):
+        _, _, Z = _xyz(da)
+        fig.add_trace(go.Surface(x=da["alpha"].values, y=da["beta"].values, z=Z, cmin=zlo, cmax=zhi,
+                                 colorscale="Viridis", showscale=False, name=f"{model} step {int(step)}",
+                                 hovertemplate="alpha %{x:.3g}<br>beta %{y:.3g}<br>" + metric + " %{z:.5f}<extra></extra>"),
+                      row=r + 1, col=c + 1)
     fig.update_scenes(xaxis_title="alpha", yaxis_title="beta", zaxis_title=metric)
     fig.update_layout(height=420 * len(steps), width=520 * len(models), title=f"{metric} surfaces")
     return fig

@@ -23,13 +23,7 @@ def tiny(skips=True, depth=8, seed=0):
     return m.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are dominated by per-op overhead; one thread is several times faster on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")   # conftest: one thread for tiny models
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,7 @@ from smoothness.diffusion import space_timesteps
 from smoothness.models import build
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")   # conftest: one thread for tiny models
 
 
 def mini(depth=4, skips=True):
