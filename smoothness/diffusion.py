@@ -168,14 +168,15 @@ class Diffusion:
         t = torch.as_tensor(self.timestep_map, device=x0.device)[idx]
         out = model(x_t, t, y)
         c = x0.shape[1]
-        mse = ((noise - out[:, :c]) ** 2).mean(dim=(1, 2, 3))
+        per_sample = tuple(range(1, x0.dim()))                          # images (C, H, W), videos (C, F, H, W)
+        mse = ((noise - out[:, :c]) ** 2).mean(dim=per_sample)
         if out.shape[1] == c:
             return {"loss": mse, "mse": mse}
         frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1)
         true_mean, true_log_var = self.q_posterior(x0, x_t, idx)
         mean, log_var, _ = self.p_mean_variance(frozen, x_t, idx, clip_denoised=False)
-        kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
+        kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=per_sample) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=per_sample) / math.log(2.0)
         vb = torch.where(idx == 0, nll, kl)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 

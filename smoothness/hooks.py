@@ -66,10 +66,13 @@ class HookContext:
     cond_rows: int | None     # CFG batch: rows [0, cond_rows) are conditional, the rest unconditional
 
     def halves(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split a batched feature into its CFG halves (``{"all": h}`` without CFG)."""
+        """Split a batched feature into its CFG halves (``{"all": h}`` without CFG). The batch is
+        [cond; uncond], so the first half of the rows is conditional whatever the layout (a video
+        block sees N*F or N*T rows, batch-major)."""
         if self.cond_rows is None:
             return {"all": h}
-        return {"cond": h[: self.cond_rows], "uncond": h[self.cond_rows:]}
+        half = h.shape[0] // 2
+        return {"cond": h[:half], "uncond": h[half:]}
 
 
 HookFn = Callable[[torch.Tensor, HookContext], "torch.Tensor | None"]

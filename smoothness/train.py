@@ -39,6 +39,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 0             # torch threads; 0 keeps torch's default
+    data: str = "digits"         # digits (class-conditional images) | moving-digits (unconditional videos)
+
+
+DATASETS = ("digits", "moving-digits")
 
 
 def _state(model, ema, opt, step, gen, losses):
@@ -49,17 +53,25 @@ def _state(model, ema, opt, step, gen, losses):
 def train(cfg: TrainConfig, out: Path, resume: bool = False, save_every: int = 200, log=print) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.data not in DATASETS:
+        raise ValueError(f"unknown data {cfg.data!r}; allowed: {', '.join(DATASETS)}")
+    video = cfg.data == "moving-digits"
+    if video != cfg.model.startswith("Latte-"):
+        raise ValueError(f"--data {cfg.data} needs a {'Latte' if video else 'DiT'} model, got {cfg.model!r}")
     torch.manual_seed(cfg.seed)                       # init of the model weights
-    model = build(cfg.model, input_size=data.SIZE, in_channels=1, num_classes=10)
+    if video:   # unconditional, as Latte on Taichi
+        model = build(cfg.model, input_size=data.SIZE, in_channels=1, num_frames=data.FRAMES, num_classes=0)
+    else:
+        model = build(cfg.model, input_size=data.SIZE, in_channels=1, num_classes=10)
     model.train()
-    model.y_embedder.eval()       # label dropout is done in the loop, from our own generator
+    if not video:
+        model.y_embedder.eval()   # label dropout is done in the loop, from our own generator
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     diffusion = Diffusion()
-    train_set = data.load("train")
-    n = len(train_set.labels)
+    train_set = None if video else data.load("train")
     losses: list[float] = []
     step = 0
     state_path = out.with_suffix(".state.pt")
@@ -72,12 +84,16 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, save_every: int = 2
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        x0, y = train_set.images[idx], train_set.labels[idx]
+        if video:
+            x0, y = data.video_batch(cfg.batch_size, gen, "train"), None            # (B, 1, F, 16, 16)
+        else:
+            idx = torch.randint(0, len(train_set.labels), (cfg.batch_size,), generator=gen)
+            x0, y = train_set.images[idx], train_set.labels[idx]
         t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        drop = torch.rand(cfg.batch_size, generator=gen) < model.config.class_dropout_prob
-        y = torch.where(drop, torch.full_like(y, model.config.num_classes), y)   # CFG label dropout
+        if not video:
+            drop = torch.rand(cfg.batch_size, generator=gen) < model.config.class_dropout_prob
+            y = torch.where(drop, torch.full_like(y, model.config.num_classes), y)   # CFG label dropout
         loss = diffusion.training_losses(model, x0, t, y, noise)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -96,7 +112,10 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, save_every: int = 2
             with atomic_path(state_path) as tmp:
                 torch.save(_state(model, ema, opt, step, gen, losses), tmp)
     meta = {"train_config": json.dumps(asdict(cfg)), "losses": torch.tensor(losses, dtype=torch.float32),
-            "num_heads": model.config.num_heads, "data": "sklearn digits 8x8 -> 16x16 bilinear, [-1, 1], train split"}
+            "num_heads": model.config.num_heads,
+            "data": ("moving digits: sklearn 8x8 digits pasted on a blank 16x16 canvas, 8 frames, "
+                     "1 px/frame paths, [-1, 1], train split") if video else
+                    "sklearn digits 8x8 -> 16x16 bilinear, [-1, 1], train split"}
     sd = {k: v.half() if v.is_floating_point() else v for k, v in ema.state_dict().items()}
     with atomic_path(out) as tmp:
         torch.save({"ema": sd, "meta": meta}, tmp)
@@ -139,6 +158,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    p.add_argument("--data", default=d.data, choices=DATASETS,
+                   help=f"digits (DiT, class-conditional) or moving-digits (Latte, unconditional video) "
+                        f"(default: {d.data})")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads, 0 = default (default: 0)")
     p.add_argument("--out", type=Path, help="checkpoint path (.pt)")
     p.add_argument("--plot-losses", type=Path, metavar="PNG",
@@ -159,7 +181,7 @@ def main(argv=None):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; use a positive integer")
     cfg = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, threads=args.threads)
+                      seed=args.seed, threads=args.threads, data=args.data)
     train(cfg, args.out, resume=args.resume, save_every=args.save_every)
     print(f"wrote {args.out}")
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from .dit import DiT, DiTConfig
-from .registry import HEADS_BY_WIDTH, SIZES
+from .latte import LatteConfig
+from .registry import HEADS_BY_WIDTH, SIZES, make
 
 WRAPPERS = ("ema", "model", "state_dict")
 
@@ -75,11 +76,15 @@ def _count(sd, prefix: str) -> int:
 
 
 def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> DiTConfig:
-    """Infer a DiT configuration from state-dict keys and shapes."""
+    """Infer a DiT or Latte (class-to-video) configuration from state-dict keys and shapes.
+
+    Latte: frames from ``temp_embed``, classes from the label table (none: unconditional), skips
+    from ``skip_linears``."""
     need = ["x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight", "blocks.0.mlp.fc1.weight"]
     missing = [k for k in need if k not in sd]
     if missing:
-        raise CheckpointError(f"not a DiT state dict: missing {', '.join(missing)}")
+        raise CheckpointError(f"not a DiT or Latte state dict: missing {', '.join(missing)}")
+    video = "temp_embed" in sd
     hidden, in_ch, patch, _ = sd["x_embedder.proj.weight"].shape
     tokens = sd["pos_embed"].shape[1]
     grid = round(tokens ** 0.5)
@@ -89,9 +94,12 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> D
     if out not in (in_ch, 2 * in_ch):
         raise CheckpointError(f"final_layer.linear outputs {out} channels per pixel for {in_ch} input channels; "
                               f"allowed: {in_ch} or {2 * in_ch}")
-    if "y_embedder.embedding_table.weight" not in sd:
+    if "y_embedder.embedding_table.weight" in sd:
+        rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    elif video:
+        rows = 1                          # unconditional Latte: no label table
+    else:
         raise CheckpointError("DiT checkpoints are class-conditional: y_embedder.embedding_table.weight is missing")
-    rows = sd["y_embedder.embedding_table.weight"].shape[0]
     depth = _count(sd, "blocks.")
     n_skip = _count(sd, "skip_linears.")
     if num_heads is None:
@@ -100,18 +108,19 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> D
                                   f"unknown; pass num_heads explicitly (known widths: {sorted(HEADS_BY_WIDTH)})")
         num_heads = HEADS_BY_WIDTH[hidden]
     # The null-class row exists when the model was trained with label dropout (always, for DiT).
-    return DiTConfig(input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden,
-                     depth=depth, num_heads=num_heads,
-                     mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
-                     num_classes=rows - 1, class_dropout_prob=0.1, learn_sigma=out == 2 * in_ch,
-                     skips=n_skip > 0)
+    fields = dict(input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden,
+                  depth=depth, num_heads=num_heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+                  num_classes=rows - 1, class_dropout_prob=0.1, learn_sigma=out == 2 * in_ch, skips=n_skip > 0)
+    if video:
+        return LatteConfig(num_frames=sd["temp_embed"].shape[1], **fields)
+    return DiTConfig(**fields)
 
 
 @functools.lru_cache(maxsize=None)
 def expected_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of the state dict a configuration has (built on meta, cached; do not mutate)."""
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in DiT(config).state_dict().items()}
+        return {k: tuple(v.shape) for k, v in make(config).state_dict().items()}
 
 
 def _closest(sd) -> str:
@@ -155,8 +164,10 @@ def load_model(path: str | Path, num_heads: int | None = None, device="cpu", dty
         raise CheckpointError(f"checkpoint {str(path)!r} fits no configuration ({report}); "
                               f"closest configuration: {_closest(sd)}")
     with torch.device("meta"):
-        model = DiT(config)
+        model = make(config)
     model.load_state_dict(sd, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype or torch.float32)
     model.pos_embed.requires_grad_(False)
+    if hasattr(model, "temp_embed"):
+        model.temp_embed.requires_grad_(False)
     return model.eval()

@@ -224,25 +224,30 @@ class DiT(nn.Module):
         self.config = cfg = config
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
+        if cfg.num_classes > 0:   # unconditional models (Latte on Taichi, Sky, FFS) have no label table
+            self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
         # Fixed sin-cos table, stored in the state dict as in the official checkpoints.
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.hidden_size), requires_grad=False)
+        self._extra_parameters()
         self.blocks = nn.ModuleList(DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
         self.hook_input = HookPoint()     # x_t as the model sees it
         self.hook_embed = HookPoint()     # patch tokens + position embedding
         self.hook_output = HookPoint()    # the model output (N, C_out, H, W)
         self.initialize_weights()
-        half = cfg.depth // 2
+        half = self.num_units // 2
         if cfg.skips:
             # Created after initialize_weights(), so PyTorch default init, as in DiT_skip.
             self.skip_norms = nn.ModuleList(FP32LayerNorm(2 * cfg.hidden_size, eps=1e-6) for _ in range(half))
             self.skip_linears = nn.ModuleList(SkipLinear(cfg.hidden_size) for _ in range(half))
-            # Decoder block half+k receives block half-1-k through fusion k.
+            # Decoder unit half+k receives unit half-1-k through fusion k.
             self.skip_into = {half + k: (half - 1 - k, k) for k in range(half)}
         else:
             self.skip_into = {}
         self.skip_sources = frozenset(src for src, _ in self.skip_into.values())
+
+    def _extra_parameters(self):
+        """Parameters a subclass adds before initialisation (Latte's ``temp_embed``)."""
 
     # ----------------------------------------------------------------- layout
     @property
@@ -269,10 +274,12 @@ class DiT(nn.Module):
         self.apply(_basic_init)
         grid = int(self.config.num_tokens ** 0.5)
         self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.config.hidden_size, grid)).float().unsqueeze(0))
+        self._init_extra()
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if hasattr(self, "y_embedder"):
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:                                         # adaLN-Zero
@@ -283,15 +290,27 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def _init_extra(self):
+        """Initialise what ``_extra_parameters`` added."""
+
     # --------------------------------------------------------------- forward
     def embed(self, x, t, y=None) -> Trunk:
         """x: (N, C, H, W) x_t; t: (N,) timesteps on the 1000 scale; y: (N,) class labels."""
         x = self.hook_input(x)
         h = self.hook_embed(self.x_embedder(x) + self.pos_embed.to(x.dtype))   # (N, T, H)
+        return Trunk(h, self.condition(t, y).to(h.dtype))
+
+    def condition(self, t, y=None):
+        """The adaLN conditioning c (N, H): timestep embedding, plus the class embedding if the model has classes."""
+        c = self.t_embedder(t)
+        if self.config.num_classes == 0:
+            if y is not None:
+                raise ValueError(f"{type(self).__name__} is unconditional (no class table): pass y=None, not class labels")
+            return c
         if y is None:
-            raise ValueError("DiT is class-conditional: pass labels y (use num_classes for the null class)")
-        c = self.t_embedder(t) + self.y_embedder(y)                      # (N, H)
-        return Trunk(h, c.to(h.dtype))
+            raise ValueError(f"{type(self).__name__} is class-conditional: pass labels y "
+                             f"(0..{self.config.num_classes - 1}, or {self.config.num_classes} for the null class)")
+        return c + self.y_embedder(y)                                    # (N, H)
 
     def fuse(self, k: int, deep, skip):
         """Skip fusion k: Linear(LayerNorm(cat[deep, skip])), deep first, no residual."""

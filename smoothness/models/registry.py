@@ -10,6 +10,7 @@ from dataclasses import replace
 import torch
 
 from .dit import DiT, DiTConfig
+from .latte import Latte, LatteConfig
 
 # name -> (depth, hidden, heads). Official sizes from the DiT paper; the small ones keep 32-wide heads.
 _SIZES = {
@@ -27,6 +28,28 @@ for _name, (_depth, _hidden, _heads) in _SIZES.items():
     for _patch in (2, 4, 8):
         SIZES[f"{_name}/{_patch}"] = DiTConfig(depth=_depth, hidden_size=_hidden, num_heads=_heads, patch_size=_patch)
 
+# Latte (class-to-video): the same widths, depth counted in blocks (two per spatial/temporal pair).
+# Official: Latte-XL/2, 16 frames of 32x32 SD-VAE latents; dataset variants in LATTE_DATASETS.
+_LATTE_SIZES = {
+    "Latte-XL": (28, 1152, 16),
+    "Latte-L": (24, 1024, 16),
+    "Latte-B": (12, 768, 12),
+    "Latte-S": (12, 384, 6),
+    "Latte-D": (8, 96, 3),      # the bundled moving-digits video models' size (4 pairs)
+    "Latte-Mini": (4, 64, 2),   # unit tests (2 pairs)
+}
+for _name, (_depth, _hidden, _heads) in _LATTE_SIZES.items():
+    for _patch in (1, 2, 4):
+        SIZES[f"{_name}/{_patch}"] = LatteConfig(depth=_depth, hidden_size=_hidden, num_heads=_heads,
+                                                 patch_size=_patch)
+# The official class-to-video checkpoints differ only in conditioning (Latte's ``extras``).
+LATTE_DATASETS = {
+    "ucf101": dict(num_classes=101),     # extras 2: 101 classes plus the null row, cfg 7
+    "taichi": dict(num_classes=0),       # extras 1: unconditional
+    "skytimelapse": dict(num_classes=0),
+    "ffs": dict(num_classes=0),
+}
+
 # Heads are not visible in a state dict: the official size with the same width decides.
 HEADS_BY_WIDTH = {hidden: heads for depth, hidden, heads in _SIZES.values()}
 
@@ -43,8 +66,13 @@ def config_for(name: str, **overrides) -> DiTConfig:
     return replace(SIZES[base], skips=skip, **overrides)
 
 
+def make(config: DiTConfig) -> DiT:
+    """The model a configuration describes: ``Latte`` for a ``LatteConfig``, else ``DiT``."""
+    return Latte(config) if isinstance(config, LatteConfig) else DiT(config)
+
+
 def build(name: str, device: str | torch.device | None = None, **overrides) -> DiT:
     """Build a named size with random weights; ``device="meta"`` allocates nothing."""
     config = config_for(name, **overrides)
     with torch.device(device or "cpu"):
-        return DiT(config)
+        return make(config)
