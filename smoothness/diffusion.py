@@ -187,7 +187,7 @@ class Diffusion:
         if config.cfg_scale == 1.0 or y is None:
             with hooks.cfg_scope(None):
                 return model(x, t, y)
-        null = torch.full_like(y, model.config.num_classes)
+        null = model.null_condition(y)
         with hooks.cfg_scope(n):
             out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         return guide(out[:n], out[n:], config.cfg_scale, config.cfg_channels or x.shape[1])

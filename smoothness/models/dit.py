@@ -300,6 +300,10 @@ class DiT(nn.Module):
         h = self.hook_embed(self.x_embedder(x) + self.pos_embed.to(x.dtype))   # (N, T, H)
         return Trunk(h, self.condition(t, y).to(h.dtype))
 
+    def null_condition(self, y):
+        """The unconditional input for classifier-free guidance: the null class for every row."""
+        return torch.full_like(y, self.config.num_classes)
+
     def condition(self, t, y=None):
         """The adaLN conditioning c (N, H): timestep embedding, plus the class embedding if the model has classes."""
         c = self.t_embedder(t)
