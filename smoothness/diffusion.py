@@ -210,8 +210,9 @@ class Diffusion:
         tile = lambda v: v.repeat(groups, *([1] * (v.dim() - 1)))
         x = x_T.to(device, dtype) if x_T is not None else tile(torch.randn(one, generator=g)).to(device, dtype)
         n = x.shape[0]
-        if y is not None:
-            y = torch.as_tensor(y, device=device).long()
+        if y is not None:                                               # labels (N,) or caption embeddings (N, L, C)
+            y = torch.as_tensor(y, device=device)
+            y = y if y.is_floating_point() else y.long()
         for i, idx_val in enumerate(range(self.num_timesteps - 1, -1, -1)):
             idx = torch.full((n,), idx_val, device=device, dtype=torch.long)
             t = torch.full((n,), int(self.timestep_map[idx_val]), device=device, dtype=torch.long)

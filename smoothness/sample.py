@@ -3,8 +3,13 @@
     python -m smoothness.sample                                   # both bundled models -> figures/
     python -m smoothness.sample --model digits-skip-dit --cfg-scale 1.5 --seed 3
     python -m smoothness.sample --ckpt path/to/DiT-XL-2-256x256.pt --num-sampling-steps 50
+    python -m smoothness.sample --ckpt Latte-skip.pt --caption-embeds prompts.pt \
+        --sampler ddim --num-sampling-steps 50 --cfg-scale 7.5        # text-to-video, as the Latte pipeline
 
 Flags follow facebookresearch/DiT's ``sample.py``. One row per class, ``--per-class`` columns.
+Text-to-video checkpoints take precomputed caption embeddings (no text encoder is needed): one row
+per caption, ``--per-class`` videos each, drawn as frame strips; the latents are also saved as
+``samples_<label>.pt`` (N, C, F, H, W) for decoding elsewhere.
 Latent checkpoints (4 channels) are shown as their first latent channel: decoding needs the SD VAE,
 which is not bundled.
 """
@@ -21,6 +26,7 @@ from .cli import run_cli
 from .diffusion import Diffusion, SamplerConfig
 from .io_utils import atomic_path, check_writable
 from .models import bundled
+from .models.latte_t2v import LatteT2V, load_caption_embeds
 
 
 def generate(model, classes: list[int], per_class: int, config: SamplerConfig, seed: int) -> torch.Tensor:
@@ -33,6 +39,38 @@ def generate(model, classes: list[int], per_class: int, config: SamplerConfig, s
     diffusion = Diffusion.for_config(config)
     with torch.inference_mode():
         return diffusion.sample(model, (len(y), c.in_channels, c.input_size, c.input_size), y, config, seed=seed)
+
+
+def generate_text(model, captions: torch.Tensor, per_caption: int, config: SamplerConfig, seed: int) -> torch.Tensor:
+    """(len(captions) * per_caption, C, F, H, W) videos, caption-major, deterministic from ``seed``.
+    captions: (N, L, caption_channels); CFG's unconditional input is ``model.null_condition``."""
+    model.check_captions(captions)
+    y = captions.repeat_interleave(per_caption, dim=0)                   # (N*per, L, C)
+    c = model.config
+    diffusion = Diffusion.for_config(config)
+    with torch.inference_mode():
+        return diffusion.sample(model, (len(y), c.in_channels, c.num_frames, c.input_size, c.input_size), y, config,
+                                seed=seed)
+
+
+def video_figure(samples: torch.Tensor, title: str):
+    """One row per video, one column per frame; the first channel, scaled per video."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n, _, f = samples.shape[:3]
+    fig, axes = plt.subplots(n, f, figsize=(f * 0.7 + 0.6, n * 0.7 + 0.6), squeeze=False)
+    for i in range(n):
+        video = samples[i, 0].float()                                    # (F, H, W)
+        lo, hi = video.min().item(), video.max().item()
+        for j in range(f):
+            axes[i, j].imshow(video[j].numpy(), cmap="gray", vmin=lo, vmax=hi)
+            axes[i, j].set_xticks([]); axes[i, j].set_yticks([])
+            if i == n - 1:
+                axes[i, j].set_xlabel(f"frame {j}", fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def grid_figure(samples: torch.Tensor, classes: list[int], title: str):
@@ -72,6 +110,10 @@ def main(argv=None):
                    help="also draw N samples per model (classes balanced) and print the digits classifier's "
                         "accuracy and the Frechet distance to held-out digits (default: 0, off)")
     p.add_argument("--batch-size", type=int, default=250, help="samples per batch when scoring (default: 250)")
+    p.add_argument("--caption-embeds", type=Path, metavar="FILE",
+                   help="caption embeddings (L, C) or (N, L, C), .pt or .safetensors, for text-to-video checkpoints")
+    p.add_argument("--negative-embeds", type=Path, metavar="FILE",
+                   help="negative-prompt embedding (L, C), the CFG unconditional input (default: zeros)")
     args = p.parse_args(argv)
     from .cli import parse_int_list
     classes = parse_int_list(args.classes, "--classes")
@@ -82,15 +124,32 @@ def main(argv=None):
     out = check_writable(args.out)
     names = (args.model or []) + [str(c) for c in (args.ckpt or [])] or list(bundled.DEFAULT_PAIR)
     models = [(n, bundled.load(n, num_heads=args.num_heads)) for n in names]   # fail before any work
+    captions = load_caption_embeds(args.caption_embeds) if args.caption_embeds else None
+    negative = load_caption_embeds(args.negative_embeds) if args.negative_embeds else None
+    if negative is not None and captions is None:
+        raise ValueError("--negative-embeds needs --caption-embeds")
+    for name, model in models:
+        if isinstance(model, LatteT2V) != (captions is not None):
+            raise ValueError(f"{name} is a text-to-video model: pass --caption-embeds" if captions is None else
+                             f"--caption-embeds is for text-to-video checkpoints; {name} is not one")
+        if captions is not None:
+            model.check_captions(captions)
+            model.set_negative_embeds(negative)
     for name, model in models:
         model_config = config if bundled.is_pixel_digits(model) else SamplerConfig(
             num_steps=config.num_steps, sampler=config.sampler, cfg_scale=config.cfg_scale)
         t0 = time.time()
-        samples = generate(model, classes, args.per_class, model_config, args.seed)
         label = bundled.label(name)
         title = (f"{label}: {model_config.sampler.upper()}-{model_config.num_steps}, cfg {model_config.cfg_scale}, "
                  f"seed {args.seed}")
-        fig = grid_figure(samples, classes, title)
+        if captions is not None:
+            samples = generate_text(model, captions, args.per_class, model_config, args.seed)
+            fig = video_figure(samples, title)
+            with atomic_path(out / f"samples_{label}.pt") as tmp:
+                torch.save(samples, tmp)
+        else:
+            samples = generate(model, classes, args.per_class, model_config, args.seed)
+            fig = grid_figure(samples, classes, title)
         path = out / f"samples_{label}.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")

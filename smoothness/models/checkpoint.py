@@ -15,6 +15,7 @@ import torch
 
 from .dit import DiT, DiTConfig
 from .latte import LatteConfig
+from .latte_t2v import LatteT2VConfig
 from .registry import HEADS_BY_WIDTH, SIZES, make
 
 WRAPPERS = ("ema", "model", "state_dict")
@@ -76,10 +77,13 @@ def _count(sd, prefix: str) -> int:
 
 
 def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> DiTConfig:
-    """Infer a DiT or Latte (class-to-video) configuration from state-dict keys and shapes.
+    """Infer a DiT, Latte (class-to-video) or Latte text-to-video configuration from state-dict keys
+    and shapes.
 
     Latte: frames from ``temp_embed``, classes from the label table (none: unconditional), skips
-    from ``skip_linears``."""
+    from ``skip_linears``. Text-to-video (diffusers keys, ``transformer_blocks.*``): see ``_infer_t2v``."""
+    if any(k.startswith("transformer_blocks.") for k in sd):
+        return _infer_t2v(sd, num_heads)
     need = ["x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight", "blocks.0.mlp.fc1.weight"]
     missing = [k for k in need if k not in sd]
     if missing:
@@ -116,6 +120,43 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> D
     return DiTConfig(**fields)
 
 
+def _heads(hidden: int, num_heads: int | None) -> int:
+    if num_heads is not None:
+        return num_heads
+    if hidden not in HEADS_BY_WIDTH:
+        raise CheckpointError(f"no official size has hidden size {hidden}, so the number of attention heads is "
+                              f"unknown; pass num_heads explicitly (known widths: {sorted(HEADS_BY_WIDTH)})")
+    return HEADS_BY_WIDTH[hidden]
+
+
+def _infer_t2v(sd, num_heads: int | None) -> LatteT2VConfig:
+    """Latte T2V in the diffusers layout: pairs from the block count, widths from shapes, caption
+    channels from ``caption_projection``, skips from ``skip_linears``. The latent size (64) and frame
+    count (16) are not in the state dict (their tables are fixed), so Latte-0's values are used."""
+    need = ["pos_embed.proj.weight", "proj_out.weight", "caption_projection.linear_1.weight",
+            "transformer_blocks.0.ff.net.0.proj.weight", "transformer_blocks.0.attn2.to_k.weight"]
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise CheckpointError(f"not a Latte text-to-video state dict: missing {', '.join(missing)}")
+    hidden, in_ch, patch, _ = sd["pos_embed.proj.weight"].shape
+    out = sd["proj_out.weight"].shape[0] // (patch * patch)
+    if out not in (in_ch, 2 * in_ch):
+        raise CheckpointError(f"proj_out outputs {out} channels per pixel for {in_ch} input channels; "
+                              f"allowed: {in_ch} or {2 * in_ch}")
+    pairs, temporal = _count(sd, "transformer_blocks."), _count(sd, "temporal_transformer_blocks.")
+    if pairs != temporal:
+        raise CheckpointError(f"{pairs} spatial transformer_blocks but {temporal} temporal_transformer_blocks; "
+                              "Latte pairs them one to one")
+    cross = sd["transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    if cross != hidden:
+        raise CheckpointError(f"cross-attention takes {cross}-wide context, not the hidden size {hidden}")
+    return LatteT2VConfig(patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=2 * pairs,
+                          num_heads=_heads(hidden, num_heads), learn_sigma=out == 2 * in_ch,
+                          mlp_ratio=sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / hidden,
+                          caption_channels=sd["caption_projection.linear_1.weight"].shape[1],
+                          skips=_count(sd, "skip_linears.") > 0)
+
+
 @functools.lru_cache(maxsize=None)
 def expected_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of the state dict a configuration has (built on meta, cached; do not mutate)."""
@@ -127,7 +168,10 @@ def _closest(sd) -> str:
     """Name the registry entry whose keys and shapes agree with ``sd`` most often."""
     best, score = None, -1
     have = {k: tuple(v.shape) for k, v in sd.items()}
+    t2v = any(k.startswith("transformer_blocks.") for k in sd)
     for name, cfg in SIZES.items():
+        if isinstance(cfg, LatteT2VConfig) != t2v:      # compare within the layout family only
+            continue
         for skip in (False, True):
             exp = expected_shapes(replace(cfg, skips=skip))
             s = sum(have.get(k) == v for k, v in exp.items()) - len(set(have) ^ set(exp))
@@ -156,6 +200,8 @@ def load_model(path: str | Path, num_heads: int | None = None, device="cpu", dty
     num_heads = num_heads or meta.get("num_heads")
     try:
         config = infer_config(sd, num_heads)
+        if isinstance(config, LatteT2VConfig):          # sizes whose tables are not stored: from meta if saved
+            config = replace(config, **{k: int(meta[k]) for k in ("input_size", "num_frames") if k in meta})
         report = mismatch_report(sd, config)
     except (CheckpointError, ValueError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} fits no configuration: {e}; "
@@ -167,7 +213,8 @@ def load_model(path: str | Path, num_heads: int | None = None, device="cpu", dty
         model = make(config)
     model.load_state_dict(sd, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype or torch.float32)
-    model.pos_embed.requires_grad_(False)
+    if isinstance(model.pos_embed, torch.nn.Parameter):        # fixed tables (LatteT2V computes its own)
+        model.pos_embed.requires_grad_(False)
     if hasattr(model, "temp_embed"):
         model.temp_embed.requires_grad_(False)
     return model.eval()

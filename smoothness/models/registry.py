@@ -11,6 +11,7 @@ import torch
 
 from .dit import DiT, DiTConfig
 from .latte import Latte, LatteConfig
+from .latte_t2v import LatteT2V, LatteT2VConfig
 
 # name -> (depth, hidden, heads). Official sizes from the DiT paper; the small ones keep 32-wide heads.
 _SIZES = {
@@ -50,6 +51,12 @@ LATTE_DATASETS = {
     "ffs": dict(num_classes=0),
 }
 
+# Latte text-to-video (diffusers layout): depth counts blocks, two per pair. Latte-0 / Latte-skip T2V is
+# LatteT2V-XL/2 (28 pairs, T5-XXL captions 4096 wide, 64x64 latents, 16 frames).
+SIZES["LatteT2V-XL/2"] = LatteT2VConfig()
+SIZES["LatteT2V-Mini/2"] = LatteT2VConfig(depth=4, hidden_size=64, num_heads=2, caption_channels=32,
+                                          input_size=8, num_frames=4)   # unit tests (2 pairs)
+
 # Heads are not visible in a state dict: the official size with the same width decides.
 HEADS_BY_WIDTH = {hidden: heads for depth, hidden, heads in _SIZES.values()}
 
@@ -67,7 +74,9 @@ def config_for(name: str, **overrides) -> DiTConfig:
 
 
 def make(config: DiTConfig) -> DiT:
-    """The model a configuration describes: ``Latte`` for a ``LatteConfig``, else ``DiT``."""
+    """The model a configuration describes: ``LatteT2V``, ``Latte`` or ``DiT``, by configuration class."""
+    if isinstance(config, LatteT2VConfig):
+        return LatteT2V(config)
     return Latte(config) if isinstance(config, LatteConfig) else DiT(config)
 
 
