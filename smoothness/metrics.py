@@ -1,7 +1,9 @@
 """Fidelity and quality scores as labelled ``xr.DataArray`` objects.
 
 Fidelity compares a cached run with the uncached run from the same seed, per sample: ``mse``,
-``psnr`` and ``ssim`` (Wang et al. 2004, implemented here, checked against scikit-image). Inputs are
+``psnr`` and ``ssim`` (Wang et al. 2004, implemented here, checked against scikit-image). Videos
+(N, C, F, H, W) are scored per frame and averaged over frames; ``temporal_change`` measures the
+frame-to-frame change of each video, to set a cached run's beside the uncached one's. Inputs are
 (N, C, H, W) tensors in pixel space for the bundled models or latent space for latent models; pass
 ``data_range`` accordingly (2.0 for [-1, 1] pixels).
 
@@ -24,9 +26,22 @@ def _pair(a, b) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}; compare runs of the same size")
-    if a.dim() != 4:
-        raise ValueError(f"expected (N, C, H, W) images or latents, got shape {tuple(a.shape)}")
+    if a.dim() not in (4, 5):
+        raise ValueError(f"expected (N, C, H, W) images or (N, C, F, H, W) videos, got shape {tuple(a.shape)}")
     return a, b
+
+
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, F, H, W) -> (N*F, C, H, W), sample-major; images pass through."""
+    if x.dim() == 4:
+        return x
+    n, c, f, h, w = x.shape
+    return x.transpose(1, 2).reshape(n * f, c, h, w)
+
+
+def _frame_mean(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-frame values (N*F,) -> per-video mean (N,); images pass through."""
+    return values if like.dim() == 4 else values.reshape(like.shape[0], like.shape[2]).mean(dim=1)
 
 
 def _per_sample(values: torch.Tensor, name: str, long_name: str, units: str, **attrs) -> xr.DataArray:
@@ -37,7 +52,7 @@ def _per_sample(values: torch.Tensor, name: str, long_name: str, units: str, **a
 def mse(a, b) -> xr.DataArray:
     """Mean squared error per sample; dims ("sample",)."""
     a, b = _pair(a, b)
-    return _per_sample(((a - b) ** 2).mean(dim=(1, 2, 3)), "mse", "mean squared error", "(data units)^2")
+    return _per_sample(((a - b) ** 2).flatten(1).mean(dim=1), "mse", "mean squared error", "(data units)^2")
 
 
 def psnr(a, b, data_range: float = 2.0) -> xr.DataArray:
@@ -45,9 +60,10 @@ def psnr(a, b, data_range: float = 2.0) -> xr.DataArray:
     if not data_range > 0:
         raise ValueError(f"data_range={data_range!r} is not allowed; use a positive number")
     a, b = _pair(a, b)
-    err = ((a - b) ** 2).mean(dim=(1, 2, 3))
-    val = 10 * torch.log10(data_range ** 2 / err)                        # inf where err == 0
-    return _per_sample(val, "psnr", "peak signal-to-noise ratio", "dB", data_range=data_range)
+    err = ((_frames(a) - _frames(b)) ** 2).mean(dim=(1, 2, 3))
+    val = _frame_mean(10 * torch.log10(data_range ** 2 / err), a)       # inf where err == 0
+    return _per_sample(val, "psnr", "peak signal-to-noise ratio" + (", mean over frames" if a.dim() == 5 else ""),
+                       "dB", data_range=data_range)
 
 
 def _window(gaussian: bool, win_size: int | None, sigma: float) -> torch.Tensor:
@@ -74,6 +90,8 @@ def ssim(a, b, data_range: float = 2.0, gaussian: bool = True, sigma: float = 1.
     if not data_range > 0:
         raise ValueError(f"data_range={data_range!r} is not allowed; use a positive number")
     a, b = _pair(a, b)
+    video = a
+    a, b = _frames(a), _frames(b)
     w = _window(gaussian, win_size, sigma)
     size = len(w)
     if size % 2 == 0 or size > min(a.shape[-2:]):
@@ -91,8 +109,21 @@ def ssim(a, b, data_range: float = 2.0, gaussian: bool = True, sigma: float = 1.
     vxy = norm * (filt(a * b) - ux * uy)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
-    return _per_sample(s.mean(dim=(1, 2, 3)), "ssim", "structural similarity", "1", data_range=data_range,
+    return _per_sample(_frame_mean(s.mean(dim=(1, 2, 3)), video), "ssim",
+                       "structural similarity" + (", mean over frames" if video.dim() == 5 else ""), "1",
+                       data_range=data_range,
                        window=("gaussian" if gaussian else "uniform"), win_size=size, sigma=sigma)
+
+
+def temporal_change(x) -> xr.DataArray:
+    """Frame-to-frame change of each video (N, C, F, H, W): the RMS of x[f+1] - x[f], mean over the
+    F-1 consecutive pairs. Compare a cached run's with the uncached run's (same seed)."""
+    x = torch.as_tensor(x).double()
+    if x.dim() != 5 or x.shape[2] < 2:
+        raise ValueError(f"temporal_change needs videos (N, C, F, H, W) with F >= 2, got shape {tuple(x.shape)}")
+    rms = ((x[:, :, 1:] - x[:, :, :-1]) ** 2).mean(dim=(1, 3, 4)).sqrt()   # (N, F-1)
+    return _per_sample(rms.mean(dim=1), "temporal_change", "RMS change between consecutive frames, "
+                       "mean over frame pairs", "data units")
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

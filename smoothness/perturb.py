@@ -108,12 +108,13 @@ def directions(model: nn.Module, spec: DirectionSpec) -> dict[str, tuple[torch.T
 
 
 def feature_direction(h: torch.Tensor, seed: int, which: int, site: str) -> torch.Tensor:
-    """A Gaussian direction shaped like one sample's feature ``h`` (T, D) (or (C, H, W)), scaled per
-    token (per pixel for images) to the norm of that token of ``h``."""
+    """A Gaussian direction shaped like one sample's feature ``h`` (T, D) (a video block: (F, T, D)),
+    or input (C, H, W) / (C, F, H, W), scaled per token (per pixel over C for inputs) to the norm of
+    that token of ``h``."""
     g = torch.Generator().manual_seed(_seed_for(seed, which, "feature:" + site))
     d = torch.randn(h.shape, generator=g, dtype=torch.float32).to(h.device)
     hf = h.float()
-    if h.dim() == 3 and site in ("input", "latent"):                 # image (C, H, W): per pixel over C
+    if h.dim() in (3, 4) and site in ("input", "latent"):            # (C, [F,] H, W): per pixel over C
         return d * (torch.linalg.vector_norm(hf, dim=0, keepdim=True) / (torch.linalg.vector_norm(d, dim=0, keepdim=True) + 1e-10))
     return d * (torch.linalg.vector_norm(hf, dim=-1, keepdim=True) / (torch.linalg.vector_norm(d, dim=-1, keepdim=True) + 1e-10))
 

@@ -30,15 +30,57 @@ from .models.latte_t2v import LatteT2V, load_caption_embeds
 
 
 def generate(model, classes: list[int], per_class: int, config: SamplerConfig, seed: int) -> torch.Tensor:
-    """(len(classes) * per_class, C, H, W) samples, class-major, deterministic from ``seed``."""
+    """(len(classes) * per_class, *model.sample_shape()) samples, class-major, deterministic from
+    ``seed``. Unconditional models draw as many samples, unlabelled."""
     c = model.config
     for y in classes:
-        if not 0 <= y < c.num_classes:
+        if c.num_classes and not 0 <= y < c.num_classes:
             raise ValueError(f"class label {y} is not allowed; this model has classes 0..{c.num_classes - 1}")
     y = torch.tensor([k for k in classes for _ in range(per_class)])
+    n = len(y)
+    if not c.num_classes:
+        y = None
+        config = SamplerConfig(**{**config.__dict__, "cfg_scale": 1.0})     # nothing to guide
     diffusion = Diffusion.for_config(config)
     with torch.inference_mode():
-        return diffusion.sample(model, (len(y), c.in_channels, c.input_size, c.input_size), y, config, seed=seed)
+        return diffusion.sample(model, (n, *model.sample_shape()), y, config, seed=seed)
+
+
+def strip_figure(videos: torch.Tensor, title: str):
+    """Frame strips of (N, C, F, H, W) videos: one row per video, one column per frame (first channel)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n, f = videos.shape[0], videos.shape[2]
+    fig, axes = plt.subplots(n, f, figsize=(f * 0.6 + 0.6, n * 0.6 + 0.6), squeeze=False)
+    for i in range(n):
+        for j in range(f):
+            ax = axes[i, j]
+            ax.imshow(videos[i, 0, j].float().clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([]); ax.set_yticks([])
+            if i == n - 1:
+                ax.set_xlabel(f"f{j}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def write_gif(videos: torch.Tensor, path: Path, columns: int = 5, scale: int = 4, ms_per_frame: int = 200):
+    """An animated GIF of (N, C, F, H, W) videos tiled ``columns`` wide, each pixel ``scale`` x ``scale``."""
+    import numpy as np
+    from PIL import Image
+    n, _, f, h, w = videos.shape
+    rows = -(-n // columns)
+    frames = []
+    for j in range(f):
+        canvas = np.zeros((rows * (h + 1), columns * (w + 1)), dtype=np.uint8)
+        for i in range(n):
+            r, c = divmod(i, columns)
+            img = ((videos[i, 0, j].float().clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+            canvas[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = img
+        frames.append(Image.fromarray(canvas.repeat(scale, 0).repeat(scale, 1)))
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
 
 
 def generate_text(model, captions: torch.Tensor, per_caption: int, config: SamplerConfig, seed: int) -> torch.Tensor:
@@ -102,7 +144,8 @@ def main(argv=None):
     p.add_argument("--num-sampling-steps", type=int, default=d.num_steps, help=f"(default: {d.num_steps})")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="(default: ddpm)")
     p.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help=f"guidance scale >= 1 (default: {d.cfg_scale})")
-    p.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="class labels, one row each (default: 0..9)")
+    p.add_argument("--classes", default=None, help="class labels, one row each (default: 0..9; not allowed for "
+                   "unconditional models, which draw 10 x --per-class samples)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
@@ -116,7 +159,7 @@ def main(argv=None):
                    help="negative-prompt embedding (L, C), the CFG unconditional input (default: zeros)")
     args = p.parse_args(argv)
     from .cli import parse_int_list
-    classes = parse_int_list(args.classes, "--classes")
+    classes = parse_int_list(args.classes or "0,1,2,3,4,5,6,7,8,9", "--classes")
     if args.per_class < 1:
         raise ValueError(f"--per-class={args.per_class} is not allowed; use a positive integer")
     config = SamplerConfig(num_steps=args.num_sampling_steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
@@ -124,6 +167,9 @@ def main(argv=None):
     out = check_writable(args.out)
     names = (args.model or []) + [str(c) for c in (args.ckpt or [])] or list(bundled.DEFAULT_PAIR)
     models = [(n, bundled.load(n, num_heads=args.num_heads)) for n in names]   # fail before any work
+    for n, model in models:
+        if not model.config.num_classes and args.classes is not None:
+            raise ValueError(f"--classes {args.classes} given, but {n} is unconditional (no class labels)")
     captions = load_caption_embeds(args.caption_embeds) if args.caption_embeds else None
     negative = load_caption_embeds(args.negative_embeds) if args.negative_embeds else None
     if negative is not None and captions is None:
@@ -136,7 +182,7 @@ def main(argv=None):
             model.check_captions(captions)
             model.set_negative_embeds(negative)
     for name, model in models:
-        model_config = config if bundled.is_pixel_digits(model) else SamplerConfig(
+        model_config = config if bundled.is_pixel(model) else SamplerConfig(
             num_steps=config.num_steps, sampler=config.sampler, cfg_scale=config.cfg_scale)
         t0 = time.time()
         label = bundled.label(name)

@@ -102,21 +102,44 @@ def _chunks(points: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 class _Collector:
-    """Keeps the requested readouts of one batched evaluation, per step."""
+    """Keeps the requested readouts of one batched evaluation, per step, as (G, R, ...) tensors.
 
-    def __init__(self, readouts, steps, groups, rows, cond_rows):
+    A video block sees N*F (spatial) or N*T (temporal) rows per N samples; those rows are folded
+    into the sample's token axis, (G, R, F*T, H). Sites in ``shared`` run once before the engine
+    tiles the batch (the unperturbed prefix of a feature perturbation) and are broadcast."""
+
+    def __init__(self, readouts, steps, groups, rows, cond_rows, shared=frozenset()):
         self.readouts, self.steps = readouts, set(steps)
         self.groups, self.rows, self.cond_rows = groups, rows, cond_rows
+        self.shared = shared
         self.data: dict[tuple[str, int], torch.Tensor] = {}
 
     def hook(self, h, ctx: hooks.HookContext):
         if ctx.step in self.steps:
-            if h.shape[0] == self.groups * self.rows:                   # group-major (G, R, ...)
-                h = h.reshape(self.groups, self.rows, *h.shape[1:])
-            else:                                                       # before a tiled prefix: shared
-                h = h.unsqueeze(0).expand(self.groups, *h.shape)
+            g = 1 if ctx.site in self.shared else self.groups
+            h = h.reshape(g, self.rows, -1, *h.shape[1:])                # (G, R, rows per sample, ...)
+            h = h.flatten(2, 3) if h.dim() > 3 else h.flatten(2)
+            if g == 1:
+                h = h.expand(self.groups, *h.shape[1:])
             self.data[(ctx.site, ctx.step)] = h[:, : self.cond_rows].detach().float().cpu()
         return None
+
+
+def _shared_sites(model, perturbation: Perturbation, sites) -> frozenset:
+    """Readout sites computed once, before tiling: those up to a feature perturbation's unit."""
+    from .engine import _unit_of_site
+    if perturbation.mode != "features":
+        return frozenset()
+    unit = _unit_of_site(model, perturbation.site)
+    if unit is None:
+        return frozenset()
+    shared = {"input", "embed"}
+    for u in range(unit + 1):
+        for i in model.unit_blocks(u):
+            shared |= {f"blocks.{i}", f"blocks.{i}.attn", f"blocks.{i}.mlp"}
+        if u in model.skip_into:
+            shared.add(f"skips.{model.skip_into[u][1]}")
+    return frozenset(s for s in sites if s in shared)
 
 
 def _sites(readouts):
@@ -129,7 +152,8 @@ def _local(entry: ModelEntry, cfg: SurfaceConfig, diffusion: Diffusion, step: in
     t = torch.full((x_t.shape[0],), diffusion.timestep_of(step), dtype=torch.long, device=x_t.device)
     doubled = cfg.sampler.cfg_scale != 1.0
     rows = x_t.shape[0] * (2 if doubled else 1)
-    col = _Collector(_sites(cfg.readouts), [step], g, rows, x_t.shape[0])
+    col = _Collector(_sites(cfg.readouts), [step], g, rows, x_t.shape[0],
+                     _shared_sites(entry.model, cfg.perturbation, _sites(cfg.readouts)))
     with hooks.step_scope(step, int(t[0])), hooks.inject(entry.model, {s: col.hook for s in _sites(cfg.readouts)}):
         out = engine.forward(x_t, t, y, coef, cfg.sampler.cfg_scale, cfg.sampler.cfg_channels)
     col.data[("output", step)] = out[:, :, : x_t.shape[1]].float().cpu()     # eps channels
@@ -163,8 +187,9 @@ def _trajectory(entry: ModelEntry, cfg: SurfaceConfig, diffusion: Diffusion, see
     rows = shape[0] * (2 if cfg.sampler.cfg_scale != 1.0 else 1)
     col = _Collector(_sites(cfg.readouts), cfg.steps, g, rows, shape[0])
     with hooks.inject(entry.model, {s: col.hook for s in _sites(cfg.readouts)}):
-        for rec in diffusion.sample_steps(wrapper, (g * shape[0], *shape[1:]), y.repeat(g), cfg.sampler,
-                                          seed=seed, groups=g, dtype=DTYPES[cfg.dtype], device=y.device):
+        for rec in diffusion.sample_steps(wrapper, (g * shape[0], *shape[1:]), None if y is None else y.repeat(g),
+                                          cfg.sampler, seed=seed, groups=g, dtype=DTYPES[cfg.dtype],
+                                          device=torch.device(cfg.device)):
             if rec.step in cfg.steps:
                 out = rec.model_output.reshape(g, shape[0], *rec.model_output.shape[1:])
                 col.data[("output", rec.step)] = out[:, :, : shape[1]].float().cpu()
@@ -230,14 +255,17 @@ def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | No
         c = e.model.config
         device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
         e.model.to(device=device, dtype=dtype).eval()
-        if not 0 <= cfg.class_label < c.num_classes:
+        if not c.num_classes and cfg.sampler.cfg_scale != 1.0:
+            raise ValueError(f"cfg_scale={cfg.sampler.cfg_scale:g} needs a class-conditional model; {e.label} is "
+                             "unconditional (use a guidance scale of 1)")
+        if c.num_classes and not 0 <= cfg.class_label < c.num_classes:
             raise ValueError(f"class label {cfg.class_label} is not allowed for {e.label}; "
                              f"use 0..{c.num_classes - 1}")
         engine = GridEngine(e.model, cfg.perturbation)
         for r in _sites(cfg.readouts):
             hooks.resolve_sites(e.model, r)
-        shape = (1, c.in_channels, c.input_size, c.input_size)
-        y1 = torch.tensor([cfg.class_label], device=device)
+        shape = (1, *e.model.sample_shape())
+        y1 = torch.tensor([cfg.class_label], device=device) if c.num_classes else None
         with torch.inference_mode():
             if cfg.evaluation == "local":
                 inputs = [_chain_inputs(e, cfg, diffusion, seed, y1, shape) for seed in cfg.seeds]
@@ -250,7 +278,7 @@ def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | No
                     coef = (torch.tensor(points[chunk, 0]), torch.tensor(points[chunk, 1]))
                     if cfg.evaluation == "local":
                         x_t = torch.cat([inp[step] for inp in inputs])
-                        y = y1.repeat(len(cfg.seeds))
+                        y = None if y1 is None else y1.repeat(len(cfg.seeds))
                         data = _local(e, cfg, diffusion, step, x_t, y, coef, engine)
                     else:
                         per_seed = [_trajectory(e, cfg, diffusion, seed, y1, coef, engine, shape) for seed in cfg.seeds]

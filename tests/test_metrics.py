@@ -117,3 +117,25 @@ def test_step_and_site_cosine():
     assert sites.dims == ("site", "call", "sample") and list(sites.site.values) == ["blocks.0", "blocks.1"]
     assert list(sites.step.values) == [1, 2, 3, 4, 5]
     assert np.allclose(metrics.site_cosine(ra, ra).values, 1.0)
+
+
+def test_video_scores_are_frame_averages_of_image_scores():
+    from skimage.metrics import peak_signal_noise_ratio
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.rand(2, 1, 3, 12, 12, generator=g) * 2 - 1
+    b = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    for n in range(2):
+        frames = [peak_signal_noise_ratio(a[n, :, f].numpy(), b[n, :, f].numpy(), data_range=2.0) for f in range(3)]
+        assert float(metrics.psnr(a, b)[n]) == pytest.approx(np.mean(frames), rel=1e-6)
+        per_frame = [float(metrics.ssim(a[n:n + 1, :, f], b[n:n + 1, :, f], win_size=7)[0]) for f in range(3)]
+        assert float(metrics.ssim(a, b, win_size=7)[n]) == pytest.approx(np.mean(per_frame), rel=1e-9)
+
+
+def test_temporal_change_by_hand():
+    x = torch.zeros(1, 1, 3, 2, 2)
+    x[0, 0, 1] = 1.0          # frame 0 -> 1 changes by 1 everywhere, 1 -> 2 by 1 on one pixel of four
+    x[0, 0, 2] = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    assert float(metrics.temporal_change(x)[0]) == pytest.approx((1.0 + 0.5) / 2)
+    with pytest.raises(ValueError, match="F >= 2"):
+        metrics.temporal_change(torch.zeros(1, 1, 1, 2, 2))

@@ -46,6 +46,8 @@ SCORES = {  # variable: (long name, units)
     "call_speedup": ("steps x median full-call time / total call time, within the cached run "
                      "(insensitive to load drift between runs)", "1"),
     "seconds": ("wall time of the chain", "s"),
+    "temporal_change_ratio": ("videos: frame-to-frame change of the cached run / of the uncached run, "
+                              "mean over samples", "1"),
 }
 
 
@@ -64,7 +66,7 @@ def parse_windows(text: str) -> list[tuple[int, int]]:
 
 
 def run_chain(model, diffusion, shape, y, sampler, seed, config: CacheConfig | None):
-    """(final samples (N, C, H, W), model outputs per step (S, N, C_out, H, W), seconds, state)."""
+    """(final samples (N, C, [F,] H, W), model outputs per step (S, N, C_out, [F,] H, W), seconds, state)."""
     outs, state = [], None
     start = time.perf_counter()
     with torch.inference_mode():
@@ -80,9 +82,10 @@ def run_chain(model, diffusion, shape, y, sampler, seed, config: CacheConfig | N
 
 def sweep(models: dict, sampler: SamplerConfig, methods, intervals, ks, windows, seeds, classes, per_class,
           stop_inclusive=True, log=print) -> xr.Dataset:
-    """Run the grid on ``models`` ({label: model}); returns the labelled Dataset."""
+    """Run the grid on ``models`` ({label: model}); returns the labelled Dataset. Unconditional
+    models (no class table, e.g. the video pair) draw ``len(classes) * per_class`` unlabelled samples."""
     diffusion = Diffusion.for_config(sampler)
-    y = torch.tensor([c for c in classes for _ in range(per_class)])
+    labels = torch.tensor([c for c in classes for _ in range(per_class)])
     wnames = [CacheConfig(t_stop=s, t_start=e, stop_inclusive=stop_inclusive).rule.window for s, e in windows]
     dims = ("model", "method", "interval", "k", "window", "seed")
     coords = {"model": list(models), "method": list(methods), "interval": list(intervals), "k": list(ks),
@@ -94,9 +97,9 @@ def sweep(models: dict, sampler: SamplerConfig, methods, intervals, ks, windows,
     masks = np.full(size, "", dtype=object)
     clf = _classifier_or_none(models)
     for mi, (label, model) in enumerate(models.items()):
-        c = model.config
-        shape = (len(y), c.in_channels, c.input_size, c.input_size)
-        rows = len(y) * (2 if sampler.cfg_scale > 1 else 1)
+        y = labels if model.config.num_classes else None
+        shape = (len(labels), *model.sample_shape())
+        rows = len(labels) * (2 if sampler.cfg_scale > 1 and y is not None else 1)
         with torch.inference_mode():                                  # warm-up: 3 real steps, untimed
             for i, _ in enumerate(diffusion.sample_steps(model, shape, y, sampler, seed=seeds[0])):
                 if i == 2:
@@ -132,6 +135,9 @@ def sweep(models: dict, sampler: SamplerConfig, methods, intervals, ks, windows,
                 win = min(11, side if side % 2 else side - 1)
                 data["ssim"][at] = metrics.ssim(x, ref, data_range=2.0, win_size=win).mean().item()
                 data["mse"][at] = metrics.mse(x, ref).mean().item()
+                if x.dim() == 5:
+                    data["temporal_change_ratio"][at] = (metrics.temporal_change(x)
+                                                         / metrics.temporal_change(ref)).mean().item()
                 cos[at] = torch.nn.functional.cosine_similarity(out.flatten(2).double(), ref_out.flatten(2).double(),
                                                                 dim=2).mean(1).numpy()
                 if clf is not None and _is_digits(model):
@@ -266,10 +272,12 @@ def _parser():
       "--stop-rule (and --intervals for the N spelling) (default: none)")
     a("--num-sampling-steps", type=int, default=50, help="(default: 50)")
     a("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="(default: ddpm)")
-    a("--cfg-scale", type=float, default=3.0, help="guidance >= 1 (default: 3.0, the digits setting)")
+    a("--cfg-scale", type=float, default=None, help="guidance >= 1 (default: 3.0, the digits setting, for "
+      "class-conditional models; 1 for unconditional ones)")
     a("--seed", default="0", help="seeds, comma-separated (default: 0)")
-    a("--classes", default="0,1,2,3,4,5,6,7,8,9", help="class labels (default: 0..9)")
-    a("--per-class", type=int, default=2, help="samples per class (default: 2)")
+    a("--classes", default=None, help="class labels (default: 0..9; not allowed for unconditional models)")
+    a("--per-class", type=int, default=2, help="samples per class; unconditional models draw 10 x this many "
+      "(default: 2)")
     a("--threads", type=int, default=1, help="torch CPU threads (default: 1; the digits models are small, and "
       "one thread is robust on a shared CPU)")
     a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
@@ -291,7 +299,7 @@ def main(argv=None):
         ks, windows, args.stop_rule = [k], [(rule.t_stop, rule.t_start)], "le" if rule.stop_inclusive else "lt"
         if re.match(r"N\d", args.preset):
             intervals = [rule.interval]
-    classes = parse_int_list(args.classes, "--classes")
+    classes = parse_int_list(args.classes or "0,1,2,3,4,5,6,7,8,9", "--classes")
     if args.per_class < 1:
         raise ValueError(f"--per-class={args.per_class} is not allowed; use a positive integer")
     if args.threads < 1:
@@ -299,12 +307,19 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     for n, k, (stop, start) in itertools.product(intervals, ks, windows):   # validate before any work
         CacheConfig(interval=n, k=k, t_stop=stop, t_start=start)
-    sampler = SamplerConfig(num_steps=args.num_sampling_steps, sampler=args.sampler, cfg_scale=args.cfg_scale)
     out = check_writable(args.out)
     names = (args.model or []) + (args.ckpt or []) or list(bundled.DEFAULT_PAIR)
     models = {}
     for n in names:
         model = bundled.load(n, num_heads=args.num_heads).eval()
+        if not model.config.num_classes:
+            if args.classes is not None:
+                raise ValueError(f"--classes {args.classes} given, but {n} is unconditional (no class labels)")
+            if args.cfg_scale not in (None, 1.0):
+                raise ValueError(f"--cfg-scale {args.cfg_scale:g} needs a class-conditional model; {n} is "
+                                 "unconditional (use 1)")
+            models[bundled.label(n)] = model
+            continue
         for y in classes:
             if not 0 <= y < model.config.num_classes:
                 raise ValueError(f"class label {y} is not allowed; {n} has classes 0..{model.config.num_classes - 1}")
@@ -313,10 +328,15 @@ def main(argv=None):
         models[bundled.label(n)] = model
     if len(models) != len(names):
         raise ValueError(f"model labels must be distinct, got {names}")
-    if any(bundled.is_pixel_digits(m) for m in models.values()) and not all(
-            bundled.is_pixel_digits(m) for m in models.values()):
+    conditional = {bool(m.config.num_classes) for m in models.values()}
+    if len(conditional) > 1:
+        raise ValueError("mixing class-conditional and unconditional models in one sweep is not supported")
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else (3.0 if conditional == {True} else 1.0)
+    sampler = SamplerConfig(num_steps=args.num_sampling_steps, sampler=args.sampler, cfg_scale=cfg_scale)
+    if any(bundled.is_pixel(m) for m in models.values()) and not all(
+            bundled.is_pixel(m) for m in models.values()):
         raise ValueError("mixing pixel digits models with latent checkpoints in one sweep is not supported")
-    if all(bundled.is_pixel_digits(m) for m in models.values()):
+    if all(bundled.is_pixel(m) for m in models.values()):
         sampler = SamplerConfig(num_steps=sampler.num_steps, sampler=sampler.sampler, cfg_scale=sampler.cfg_scale,
                                 clip_denoised=True)
     t0 = time.time()

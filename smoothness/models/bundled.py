@@ -3,6 +3,10 @@
 ``digits-dit`` and ``digits-skip-dit``: DiT-D/2 (12 blocks, hidden 96, 3 heads, patch 2) on 16x16
 one-channel digits, 10 classes, learned sigma; identical training budget, the second with Skip-DiT's
 6 long skip branches. ``digits-classifier`` scores their samples.
+
+``moving-digits-latte`` and ``moving-digits-latte-skip``: Latte-D/2 (4 spatial/temporal pairs,
+hidden 96, 3 heads, patch 2), unconditional, on 8-frame videos of a digit moving across a 16x16
+canvas; the second with Latte-skip's 2 long skips. Same budget for both.
 """
 from __future__ import annotations
 
@@ -19,8 +23,11 @@ BUNDLED = {
     "digits-dit": "digits-dit.pt",
     "digits-skip-dit": "digits-skip-dit.pt",
     "digits-classifier": "digits-classifier.pt",
+    "moving-digits-latte": "moving-digits-latte.pt",
+    "moving-digits-latte-skip": "moving-digits-latte-skip.pt",
 }
 DEFAULT_PAIR = ("digits-dit", "digits-skip-dit")
+VIDEO_PAIR = ("moving-digits-latte", "moving-digits-latte-skip")
 # Sampler settings that suit the pixel-space digits models (see README for their accuracy).
 DIGITS_SAMPLER = dict(num_steps=250, cfg_scale=3.0, clip_denoised=True)
 
@@ -58,8 +65,15 @@ def label(name_or_path: str) -> str:
 
 
 def is_pixel_digits(model: DiT) -> bool:
+    """A 16x16 one-channel class-conditional digits model (the classifier can score its samples)."""
     c = model.config
-    return c.in_channels == 1 and c.input_size == 16 and c.num_classes == 10
+    return is_pixel(model) and c.num_classes == 10 and model.family == "dit"
+
+
+def is_pixel(model: DiT) -> bool:
+    """A model of the bundled pixel data, images or videos in [-1, 1]: sample with x0 clipped."""
+    c = model.config
+    return c.in_channels == 1 and c.input_size == 16
 
 
 def parameter_dtype(model: DiT) -> torch.dtype:

@@ -261,6 +261,11 @@ class DiT(nn.Module):
     def block_kind(self, i: int) -> str:
         return "block"
 
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample without the batch dim: (C, H, W)."""
+        c = self.config
+        return (c.in_channels, c.input_size, c.input_size)
+
     # ------------------------------------------------------------------ init
     def initialize_weights(self):
         if self.pos_embed.is_meta:

@@ -63,6 +63,11 @@ class Latte(DiT):
         """``"spatial"`` (attention within a frame) or ``"temporal"`` (attention across frames)."""
         return "spatial" if i % 2 == 0 else "temporal"
 
+    def sample_shape(self) -> tuple[int, ...]:
+        """One video without the batch dim: (C, F, H, W) at the full ``num_frames``."""
+        c = self.config
+        return (c.in_channels, c.num_frames, c.input_size, c.input_size)
+
     # --------------------------------------------------------------- forward
     def check_input(self, x):
         if x.dim() != 5:
