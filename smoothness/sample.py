@@ -46,17 +46,20 @@ def generate(model, classes: list[int], per_class: int, config: SamplerConfig, s
         return diffusion.sample(model, (n, *model.sample_shape()), y, config, seed=seed)
 
 
-def strip_figure(videos: torch.Tensor, title: str):
-    """Frame strips of (N, C, F, H, W) videos: one row per video, one column per frame (first channel)."""
+def strip_figure(videos: torch.Tensor, title: str, pixel_range: bool = True):
+    """Frame strips of (N, C, F, H, W) videos: one row per video, one column per frame (first channel).
+    ``pixel_range``: grey scale fixed to [-1, 1] (pixel models); else scaled per video (latents)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n, f = videos.shape[0], videos.shape[2]
     fig, axes = plt.subplots(n, f, figsize=(f * 0.6 + 0.6, n * 0.6 + 0.6), squeeze=False)
     for i in range(n):
+        video = videos[i, 0].float()                                     # (F, H, W)
+        lo, hi = (-1.0, 1.0) if pixel_range else (video.min().item(), video.max().item())
         for j in range(f):
             ax = axes[i, j]
-            ax.imshow(videos[i, 0, j].float().clamp(-1, 1).numpy(), cmap="gray", vmin=-1, vmax=1)
+            ax.imshow(video[j].clamp(lo, hi).numpy(), cmap="gray", vmin=lo, vmax=hi)
             ax.set_xticks([]); ax.set_yticks([])
             if i == n - 1:
                 ax.set_xlabel(f"f{j}", fontsize=7)
@@ -93,26 +96,6 @@ def generate_text(model, captions: torch.Tensor, per_caption: int, config: Sampl
     with torch.inference_mode():
         return diffusion.sample(model, (len(y), c.in_channels, c.num_frames, c.input_size, c.input_size), y, config,
                                 seed=seed)
-
-
-def video_figure(samples: torch.Tensor, title: str):
-    """One row per video, one column per frame; the first channel, scaled per video."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n, _, f = samples.shape[:3]
-    fig, axes = plt.subplots(n, f, figsize=(f * 0.7 + 0.6, n * 0.7 + 0.6), squeeze=False)
-    for i in range(n):
-        video = samples[i, 0].float()                                    # (F, H, W)
-        lo, hi = video.min().item(), video.max().item()
-        for j in range(f):
-            axes[i, j].imshow(video[j].numpy(), cmap="gray", vmin=lo, vmax=hi)
-            axes[i, j].set_xticks([]); axes[i, j].set_yticks([])
-            if i == n - 1:
-                axes[i, j].set_xlabel(f"frame {j}", fontsize=6)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 def grid_figure(samples: torch.Tensor, classes: list[int], title: str):
@@ -186,20 +169,26 @@ def main(argv=None):
             num_steps=config.num_steps, sampler=config.sampler, cfg_scale=config.cfg_scale)
         t0 = time.time()
         label = bundled.label(name)
-        title = (f"{label}: {model_config.sampler.upper()}-{model_config.num_steps}, cfg {model_config.cfg_scale}, "
-                 f"seed {args.seed}")
+        guidance = f"cfg {model_config.cfg_scale}" if model.config.num_classes or captions is not None \
+            else "unconditional"
+        title = f"{label}: {model_config.sampler.upper()}-{model_config.num_steps}, {guidance}, seed {args.seed}"
+        gif = None
         if captions is not None:
             samples = generate_text(model, captions, args.per_class, model_config, args.seed)
-            fig = video_figure(samples, title)
+            fig = strip_figure(samples, title, pixel_range=False)
             with atomic_path(out / f"samples_{label}.pt") as tmp:
                 torch.save(samples, tmp)
         else:
             samples = generate(model, classes, args.per_class, model_config, args.seed)
-            fig = grid_figure(samples, classes, title)
+            if samples.dim() == 5:
+                fig, gif = strip_figure(samples, title, pixel_range=bundled.is_pixel(model)), out / f"samples_{label}.gif"
+                write_gif(samples, gif)
+            else:
+                fig = grid_figure(samples, classes, title)
         path = out / f"samples_{label}.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
-        print(f"{label}: {len(samples)} samples in {time.time() - t0:.1f}s -> {path}")
+        print(f"{label}: {len(samples)} samples in {time.time() - t0:.1f}s -> {path}" + (f", {gif}" if gif else ""))
         if args.score_samples:
             score(label, model, args.score_samples, args.batch_size, model_config, args.seed)
 
