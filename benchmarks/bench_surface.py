@@ -8,12 +8,15 @@ naive: for every grid point, copy the model, add alpha*d1 + beta*d2 to its weigh
 engine: GridEngine, grid points batched (``--batch-size`` points per forward).
 floor:  the same number of plain batched forwards of the unperturbed model (no perturbation at all).
 Prints times and the ratios naive/engine (goal >= 10x on the bundled model) and engine/floor
-(goal <= 1.2x). Medians of ``--repeats``; machine noise is large, the ratios are what count.
+(goal <= 1.2x). Each repeat times engine, floor and naive back to back, so load drift on a shared
+machine hits all three alike; ratios are medians of the per-repeat ratios. The load average is
+printed before and after: figures taken with other jobs on the cores are not the quiet-machine ones.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import time
@@ -66,16 +69,16 @@ def bench(name, model, points, batch_size, repeats, naive_points):
 
     with torch.inference_mode():
         run_engine(), run_floor()                               # warm-up (and direction cache)
-        # Interleave engine and floor so that load drift on a shared machine hits both alike.
-        pairs = [(_median_time(run_engine, 1), _median_time(run_floor, 1)) for _ in range(repeats)]
-        te = statistics.median(p[0] for p in pairs)
-        tf = statistics.median(p[1] for p in pairs)
-        tn = _median_time(run_naive, 1) * points / naive_points
+        scale = points / naive_points
+        runs = [(_median_time(run_engine, 1), _median_time(run_floor, 1), _median_time(run_naive, 1) * scale)
+                for _ in range(repeats)]
     del params
-    ratio = statistics.median(e / f for e, f in pairs)
+    te, tf, tn = (statistics.median(r[i] for r in runs) for i in range(3))
+    speedup = statistics.median(n / e for e, f, n in runs)
+    ratio = statistics.median(e / f for e, f, n in runs)
     print(f"{name:<36} {points:>4} pts  naive {tn:7.2f}s  engine {te:6.2f}s  floor {tf:6.2f}s  "
-          f"naive/engine {tn / te:5.1f}x  engine/floor {ratio:4.2f}x (median of {repeats} interleaved pairs)")
-    return tn / te, ratio
+          f"naive/engine {speedup:5.1f}x  engine/floor {ratio:4.2f}x (medians of {repeats} interleaved repeats)")
+    return speedup, ratio
 
 
 def main():
@@ -85,16 +88,26 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="(default: 3)")
     p.add_argument("--naive-points", type=int, default=20, help="naive loop points timed, scaled up (default: 20)")
     p.add_argument("--skip-s2", action="store_true", help="only the bundled model")
+    p.add_argument("--bundled", default="digits-skip-dit", choices=["digits-skip-dit", "digits-dit"],
+                   help="bundled model to measure (default: digits-skip-dit)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     args = p.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    load = lambda: " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, load average {load()}")
     from smoothness.models import bundled
     try:
-        digits = bundled.load("digits-skip-dit")
-        label = "digits-skip-dit (DiT-D/2, 16x16x1)"
+        digits = bundled.load(args.bundled)
+        label = f"{args.bundled} (DiT-D/2, 16x16x1)"
     except Exception:
         torch.manual_seed(0)
-        digits = build("DiT-D/2-skip", input_size=16, in_channels=1, num_classes=10).eval()
-        label = "DiT-D/2-skip random (16x16x1)"
+        arch = "DiT-D/2-skip" if "skip" in args.bundled else "DiT-D/2"
+        digits = build(arch, input_size=16, in_channels=1, num_classes=10).eval()
+        label = f"{arch} random (16x16x1)"
     bench(label, digits, args.points, args.batch_size, args.repeats, args.naive_points)
     if not args.skip_s2:
         torch.manual_seed(0)
@@ -106,6 +119,7 @@ def main():
         # A single S/2 forward already keeps 2 cores busy: fewer points, smaller chunks.
         bench("DiT-S/2-skip random (32x32x4)", s2, max(args.batch_size // 4, 8) * 2, max(args.batch_size // 4, 8),
               args.repeats, 4)
+    print(f"load average after: {load()}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from .perturb import DirectionSpec, direction, feature_direction, select_paramet
 
 MODES = ("weights", "features", "latent")
 LINEARITY_ROWS = 16     # at most this many rows per grid point: perturb by linearity, not weight copies
+CHUNK_BYTES = 1 << 21   # per-point Linear weights are built this many bytes at a time (stays in L3)
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,14 @@ class Perturbation:
 class GridEngine:
     """Evaluate ``model`` under a perturbation at a chunk of grid points."""
 
-    def __init__(self, model: nn.Module, perturbation: Perturbation, cache_directions: bool = True):
+    def __init__(self, model: nn.Module, perturbation: Perturbation, cache_directions: bool = True,
+                 chunk_points: int | None = None):
+        if chunk_points is not None and chunk_points < 1:
+            raise ValueError(f"chunk_points must be a positive integer or None (automatic), got {chunk_points!r}")
         self.model = model
         self.p = perturbation
         self.cache_directions = cache_directions
+        self.chunk_points = chunk_points    # grid points per weight build of a Linear; None: CHUNK_BYTES
         self._dirs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if perturbation.mode == "weights":
             self.param_names = select_parameters(model, perturbation.directions)
@@ -70,6 +75,17 @@ class GridEngine:
         pair = (direction(weight, name, 1, spec).to(weight.dtype), direction(weight, name, 2, spec).to(weight.dtype))
         if self.cache_directions:
             self._dirs[name] = pair
+        return pair
+
+    def _pair_t(self, name: str, weight: torch.Tensor):
+        """Directions of a Linear weight, transposed to (in, out) and contiguous, as the GEMMs use them."""
+        key = name + ".T"
+        if key in self._dirs:
+            return self._dirs[key]
+        spec = self.p.directions
+        pair = tuple(direction(weight, name, i, spec).to(weight.dtype).t().contiguous() for i in (1, 2))
+        if self.cache_directions:
+            self._dirs[key] = pair
         return pair
 
     def _check_modules(self):
@@ -98,24 +114,55 @@ class GridEngine:
 
         g = a.numel()
         if isinstance(module, nn.Linear):
+            wname = names["weight"]
+            if wname not in self.param_names:                          # only the bias is perturbed
+                def fwd(x):
+                    xs = x.reshape(g, -1, x.shape[-1])                 # (G, R*T, in)
+                    return torch.baddbmm(value("bias").unsqueeze(1), xs, module.weight.t().expand(g, -1, -1)
+                                         ).reshape(*x.shape[:-1], module.out_features)
+                return fwd
+
+            co = {}                                                    # dtype -> ((G,1,1) alphas, betas)
+
             def fwd(x):
                 xs = x.reshape(g, -1, x.shape[-1])                     # (G, R*T, in)
-                bias = value("bias")
-                wname = names["weight"]
-                if xs.shape[1] <= LINEARITY_ROWS and wname in self.param_names:
+                bias = value("bias")                                   # (G or 1, out) or None
+                wt = module.weight.t()                                 # (in, out), a view
+                d1t, d2t = self._pair_t(wname, module.weight)          # (in, out) contiguous
+                if x.dtype not in co:
+                    co[x.dtype] = tuple(c.to(x.dtype).view(-1, 1, 1) for c in (a, b))
+                ca, cb = co[x.dtype]
+                if xs.shape[1] <= LINEARITY_ROWS:
                     # Few rows per point (adaLN sees one per sample): use linearity instead of
                     # building G weight copies: x W' = x W + alpha (x D1) + beta (x D2).
-                    d1, d2 = self._pair(wname, module.weight)
-                    co = lambda c: c.to(x.dtype).view(-1, 1, 1)
-                    out = F.linear(xs, module.weight)
-                    out = out.addcmul_(co(a), F.linear(xs, d1)).addcmul_(co(b), F.linear(xs, d2))
+                    out = torch.matmul(xs, wt)
+                    out = out.addcmul_(ca, torch.matmul(xs, d1t)).addcmul_(cb, torch.matmul(xs, d2t))
                     if bias is not None:
                         out = out + bias.unsqueeze(1)
                     return out.reshape(*x.shape[:-1], module.out_features)
-                w = value("weight")
-                wt = w.expand(g, -1, -1).transpose(1, 2)               # (G, in, out)
-                out = torch.bmm(xs, wt) if bias is None else torch.baddbmm(bias.expand(g, -1).unsqueeze(1), xs, wt)
-                return out.reshape(*x.shape[:-1], w.shape[1])
+                # Many rows per point: per-point weights W' = W + alpha D1 + beta D2, built k points
+                # at a time into one reused buffer that stays in cache and is consumed at once by a
+                # batched GEMM. Building all G copies first streams them through memory (slower),
+                # and the buffer bounds memory at k copies of the layer.
+                wt = wt.contiguous()
+                k = min(g, self.chunk_points or max(1, CHUNK_BYTES // (wt.numel() * wt.element_size())))
+                out = xs.new_empty(g, xs.shape[1], module.out_features)   # (G, R*T, out)
+                buf = xs.new_empty(k, *wt.shape)                          # (k, in, out)
+                chunks = -(-g // k)
+                if bias is None:
+                    biases = [None] * chunks
+                elif len(bias) == 1:
+                    biases = [bias.unsqueeze(1)] * chunks                 # (1, 1, out) shared
+                else:
+                    biases = bias.unsqueeze(1).split(k)                   # (k, 1, out) per point
+                for xc, oc, ac, bc, bi in zip(xs.split(k), out.split(k), ca.split(k), cb.split(k), biases):
+                    w = torch.addcmul(wt, ac, d1t, out=buf if len(ac) == k else buf[: len(ac)])
+                    w = w.addcmul_(bc, d2t)                                # (k, in, out)
+                    if bi is None:
+                        torch.bmm(xc, w, out=oc)
+                    else:
+                        torch.baddbmm(bi, xc, w, out=oc)                  # (k, R*T, out)
+                return out.reshape(*x.shape[:-1], module.out_features)
         elif isinstance(module, nn.Conv2d):
             def fwd(x):
                 w, bias = value("weight"), value("bias")
@@ -155,7 +202,10 @@ class GridEngine:
 
         def add(h, ctx=None):
             g = a.numel()
-            hs = h.reshape(g, rows, *h.shape[1:])
+            # Video blocks see N*F or N*T rows for N samples: a sample is (rows per sample, T, D).
+            hs = h.reshape(g, rows, -1, *h.shape[1:])
+            if hs.shape[2] == 1:
+                hs = hs.squeeze(2)
             out = []
             for r in range(rows):                                     # each sample: its own token norms
                 d1 = feature_direction(hs[0, r], self.p.directions.seed, 1, site)
@@ -173,10 +223,11 @@ class GridEngine:
         a, b = (torch.as_tensor(c, dtype=torch.float32, device=x.device) for c in coef)
         g = a.numel()
         if cfg_scale != 1.0:
-            null = torch.full_like(y, self.model.config.num_classes)
-            x, t, y = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
+            if y is None:
+                raise ValueError(f"cfg_scale={cfg_scale:g} needs a conditional model and labels; got y=None")
+            x, t, y = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, self.model.null_condition(y)])
         rows = x.shape[0]
-        tile = lambda v: v.repeat(g, *([1] * (v.dim() - 1)))
+        tile = lambda v: None if v is None else v.repeat(g, *([1] * (v.dim() - 1)))
         if self.p.mode == "features" and _unit_of_site(self.model, self.p.site) is not None:
             out = self._features_forward(x, t, y, (a, b), rows)
         else:
@@ -227,6 +278,8 @@ def _unit_of_site(model, site: str) -> int | None:
         return -1
     if site.startswith("blocks.") and site.count(".") == 1:
         i = int(site.split(".")[1])
+        if model.block_kind(i) == "temporal":   # its output layout (N*T, F, H) is not the trunk's
+            return None
         for u in range(model.num_units):
             if model.unit_blocks(u)[-1] == i:
                 return u
