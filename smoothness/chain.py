@@ -1,0 +1,112 @@
+"""What the analyses share: a model's sample shape and labels, and the per-seed reference chain.
+
+Every analysis (correlate, dynamics, spectral) follows the surfaces' convention: one uncached chain
+per seed, batch 1, conditioned on one class label; the seed draws x_T and all sampler noise, so the
+same seed gives the same x_t at every step in every module. Nothing here assumes images: a sample
+is whatever ``sample_shape(model)`` says ((C, H, W) for DiT, (C, F, H, W) for a video model), and
+models without classes (``config.num_classes == 0``) are called with ``y=None``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .diffusion import Diffusion, SamplerConfig, Step
+
+
+def sample_shape(model) -> tuple[int, ...]:
+    """One sample's shape without the batch: ``model.sample_shape`` when the model publishes one,
+    else (C, [num_frames,] H, W) from its config."""
+    own = getattr(model, "sample_shape", None)
+    if own is not None:
+        return tuple(int(v) for v in (own() if callable(own) else own))
+    c = model.config
+    side = c.input_size if isinstance(c.input_size, (tuple, list)) else (c.input_size, c.input_size)
+    frames = getattr(c, "num_frames", None)
+    return (c.in_channels, *(() if not frames else (frames,)), *side)
+
+
+def num_classes(model) -> int:
+    return int(getattr(model.config, "num_classes", 0) or 0)
+
+
+def labels(model, class_label: int, n: int = 1, device=None) -> torch.Tensor | None:
+    """(n,) labels for a class-conditional model; None for an unconditional one."""
+    classes = num_classes(model)
+    if classes == 0:
+        return None
+    if not 0 <= class_label < classes:
+        raise ValueError(f"class label {class_label} is not allowed for this model; use 0..{classes - 1}")
+    return torch.full((n,), class_label, dtype=torch.long, device=device)
+
+
+def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def reference_chain(model, diffusion: Diffusion, sampler: SamplerConfig, seed: int, class_label: int,
+                    generator: torch.Generator | None = None) -> Iterator[Step]:
+    """The uncached chain of one seed, batch 1, in the model's own device and dtype."""
+    device, dtype = model_device_dtype(model)
+    y = labels(model, class_label, 1, device)
+    g = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+    return diffusion.sample_steps(model, (1, *sample_shape(model)), y, sampler, generator=g, device=device,
+                                  dtype=dtype)
+
+
+def check_steps(steps, sampler: SamplerConfig, what: str = "step"):
+    if not steps:
+        raise ValueError(f"no {what}s requested")
+    for s in steps:
+        if not (isinstance(s, int) and 1 <= s <= sampler.num_steps):
+            raise ValueError(f"{what} {s!r} is outside the chain; allowed: 1..{sampler.num_steps} "
+                             f"(a {sampler.num_steps}-step {sampler.sampler.upper()} chain)")
+
+
+def check_seeds(seeds):
+    if not seeds:
+        raise ValueError("no seeds requested")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {list(seeds)} repeat; give each seed once")
+
+
+@dataclass
+class Labelled:
+    """A model with the label it gets on the ``model`` dim, and where it came from."""
+
+    label: str
+    model: torch.nn.Module
+    source: str = ""
+    sha256: str = ""
+
+
+def as_entries(models) -> list:
+    """Accept ``{label: model}``, a list of ``surface.ModelEntry`` or of ``Labelled``; labels distinct."""
+    if isinstance(models, dict):
+        out = [Labelled(str(k), m) for k, m in models.items()]
+    else:
+        out = list(models)
+    if not out:
+        raise ValueError("no models given")
+    names = [e.label for e in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model labels must be distinct, got {names}")
+    return out
+
+
+def provenance(entries) -> dict:
+    """attrs naming every model's source and checksum (JSON strings, netCDF-safe)."""
+    from .io_utils import versions
+    return {"models": json.dumps({e.label: getattr(e, "source", "") for e in entries}),
+            "model_sha256": json.dumps({e.label: getattr(e, "sha256", "") for e in entries}),
+            "versions": json.dumps(versions())}
+
+
+def sampler_attrs(sampler: SamplerConfig) -> dict:
+    return {"chain": f"{sampler.sampler.upper()}-{sampler.num_steps}", "cfg_scale": sampler.cfg_scale,
+            "cfg_channels": -1 if sampler.cfg_channels is None else sampler.cfg_channels,
+            "clip_denoised": int(sampler.clip_denoised), "eta": sampler.eta}
