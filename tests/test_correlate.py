@@ -233,6 +233,7 @@ def test_config_errors(kw, match):
     (["--resamples", "0"], "n_resamples=0 is not allowed"),
     (["--sampler", "euler"], "unknown sampler 'euler'; allowed: ddpm, ddim"),
     (["--threads", "0"], "--threads=0 is not allowed"),
+    (["--jobs", "0"], "--jobs=0 is not allowed"),
 ])
 def test_cli_bad_values_exit_2_with_a_message(argv, match, capsys, tmp_path):
     assert run_cli(correlate.main, argv + ["--out", str(tmp_path)]) == 2
