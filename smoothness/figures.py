@@ -1,0 +1,270 @@
+"""Regenerate every paper figure into ``figures/`` from the bundled models, each with its data.
+
+    python -m smoothness.figures                       # all of them, default resolution (<= 15 min, 2 cores)
+    python -m smoothness.figures --only a,e            # some of them
+    python -m smoothness.figures --resolution paper    # finer grids, more seeds and settings (slow)
+
+Every figure is written as ``<stem>.png`` with ``<stem>.nc`` (xarray, netCDF) beside it, and
+``figures/README.md`` gets one line per figure naming the command and the paper figure it answers.
+
+    a  Fig. 2: surfaces of DiT against Skip-DiT at DDPM steps 10 and 250
+    b  teaser (a): cosine similarity of cached and uncached outputs against the timestep
+       (Skip-Cache on Skip-DiT; FORA and deep-reuse on DiT)
+    c  quality against speedup across N and k for every method (both models)
+    d  v1 Fig. 4: feature dynamics, blocks x timesteps
+    e  smoothness against caching error, with Spearman / Pearson rho
+    f  Jacobian spectral norms per unit and end to end
+    g  Fig. 2 as drawn: Latte against Latte-skip, unconditional video, DDPM steps 10 and 250
+    h  samples of the bundled video pair: frame strips and an animated GIF
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from .cli import run_cli
+from .diffusion import SamplerConfig
+from .io_utils import atomic_path, check_writable
+
+PAPER = {
+    "a": "Fig. 2 (v1): feature-smoothness surfaces, DiT vs Skip-DiT, DDPM steps 10 and 250",
+    "b": "Teaser (a) (v4/v5): cached-vs-uncached output similarity against the timestep",
+    "c": "Tab. 1-4 / App. Tab. 7-8 in miniature: fidelity against speedup for every cache and setting",
+    "d": "Fig. 4 (v1): feature dynamics heat map, blocks x timesteps",
+    "e": "the paper's thesis, measured: smoothness against caching error (rho)",
+    "f": "v4/v5 spectral-norm argument: largest Jacobian singular value per unit and end to end",
+    "g": "Fig. 2 (v1) as drawn: Latte vs Latte-skip, unconditional video, DDPM steps 10 and 250",
+    "h": "samples of the bundled video pair (Latte, Latte-skip)",
+}
+STEMS = {"a": "fig_a_surfaces", "b": "fig_b_cache_similarity", "c": "fig_c_quality_speedup",
+         "d": "fig_d_feature_dynamics", "e": "fig_e_smoothness_vs_caching", "f": "fig_f_spectral_norms",
+         "g": "fig_g_video_surfaces", "h": "fig_h_video_samples"}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    grid: str                      # alpha and beta of (a)
+    video_grid: str                # alpha and beta of (g)
+    seeds: tuple[int, ...]         # chains of (a), (d), (f), (g)
+    cache_steps: int               # chain of (b), (c): DDPM with this many steps, cfg 3
+    intervals: tuple[int, ...]     # N of (b), (c)
+    ks: tuple[int, ...]            # k of (b), (c)
+    per_class: int                 # samples per digit class in (b), (c)
+    corr_grid: str                 # surfaces of (e)
+    corr_seeds: tuple[int, ...]    # seeds of (e): the bootstrap resamples them
+    corr_steps: tuple[int, ...]    # DDPM-250 steps of (e)
+    spectral_steps: tuple[int, ...]
+    spectral_iterations: int
+    video_samples: int
+
+
+RESOLUTIONS = {
+    "default": Resolution(grid="-0.25:0.25:21", video_grid="-0.25:0.25:11", seeds=(0,), cache_steps=50,
+                          intervals=(2, 3, 4), ks=(1, 2), per_class=1, corr_grid="-0.25:0.25:7",
+                          corr_seeds=(0, 1, 2), corr_steps=(10, 50, 100, 150, 200, 250),
+                          spectral_steps=(10, 100, 250), spectral_iterations=30, video_samples=6),
+    "paper": Resolution(grid="-0.25:0.25:41", video_grid="-0.25:0.25:21", seeds=(0, 1, 2), cache_steps=50,
+                        intervals=(2, 3, 4, 5, 6), ks=(1, 2, 3, 4), per_class=4, corr_grid="-0.25:0.25:11",
+                        corr_seeds=tuple(range(8)), corr_steps=(10, 25, 50, 75, 100, 150, 200, 250),
+                        spectral_steps=(10, 50, 100, 150, 200, 250), spectral_iterations=100, video_samples=10),
+}
+DIGITS = SamplerConfig(num_steps=250, clip_denoised=True)      # the surfaces' chain (DDPM-250)
+TEASER = dict(skip=("skip-cache",), plain=("fora", "deep-reuse"))
+
+
+def _save(ds: xr.Dataset, fig, out: Path, stem: str) -> list[Path]:
+    nc, png = out / f"{stem}.nc", out / f"{stem}.png"
+    with atomic_path(nc) as tmp:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return [nc, png]
+
+
+# ------------------------------------------------------------------ figures
+def surfaces(names, res: Resolution, grid: str, log):
+    from . import plotting
+    from .surface import SurfaceConfig, compute, load_entries
+    cfg = SurfaceConfig(steps=(10, 250), sampler=DIGITS, alpha=grid, beta=grid, seeds=res.seeds)
+    ds = compute(load_entries(list(names)), cfg, progress=False, log=log)
+    return ds, plotting.surfaces(ds, kind="3d")
+
+
+def cache_sweep(models, res: Resolution, log):
+    from .cache.cli import sweep
+    sampler = SamplerConfig(num_steps=res.cache_steps, cfg_scale=3.0, clip_denoised=True)
+    return sweep(models, sampler, ("skip-cache", "deep-reuse", "delta", "fora"), res.intervals, res.ks,
+                 [(20, 1000)], (0,), tuple(range(10)), res.per_class, log=log)
+
+
+def teaser(ds: xr.Dataset, skip_label: str, plain_label: str, interval: int = 2, k: int | None = None):
+    """Cosine similarity to the uncached outputs against the timestep, one curve per (model, method)."""
+    import matplotlib.pyplot as plt
+    k = k if k is not None else int(ds.k.values[-1])
+    sel = ds["step_cosine"].sel(interval=interval, k=k).isel(window=0).mean("seed")
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    series = [(skip_label, m) for m in TEASER["skip"]] + [(plain_label, m) for m in TEASER["plain"]]
+    for model, method in series:
+        y = sel.sel({"model": model, "method": method}).values     # "method" is also a .sel keyword
+        ax.plot(ds.timestep.values, y, "o-", ms=3, label=f"{method} on {model}")
+    ax.invert_xaxis()
+    ax.set_xlabel("denoising timestep t (sampling runs left to right)")
+    ax.set_ylabel("cosine similarity, cached vs uncached output")
+    ax.set_title(f"{ds.attrs['sampler'].upper()}-{ds.attrs['num_sampling_steps']}, cfg {ds.attrs['cfg_scale']}, "
+                 f"N={interval}, k={k}, samples {len(ds.attrs['classes']) * ds.attrs['per_class']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def dynamics(models, res: Resolution, log):
+    from . import dynamics as dyn
+    from .plots_analysis import dynamics_heatmap
+    ds = dyn.compute(models, dyn.DynamicsConfig(sampler=DIGITS, seeds=res.seeds), log=log)
+    return ds, dynamics_heatmap(ds, "rel_l2")
+
+
+def correlation(names, res: Resolution, log):
+    from . import correlate
+    from .surface import SurfaceConfig, load_entries
+    surf = SurfaceConfig(steps=res.corr_steps, sampler=DIGITS, alpha=res.corr_grid, beta=res.corr_grid,
+                         seeds=res.corr_seeds)
+    ds = correlate.compute(load_entries(list(names)), correlate.CorrelateConfig(surface=surf), log=log)
+    return ds, correlate.scatter(ds)
+
+
+def spectral(models, res: Resolution, log):
+    from . import spectral as spec
+    from .plots_analysis import spectral_norms
+    cfg = spec.SpectralConfig(steps=res.spectral_steps, sampler=DIGITS, seeds=res.seeds,
+                              iterations=res.spectral_iterations)
+    ds = spec.compute(models, cfg, log=log)
+    return ds, spectral_norms(ds)
+
+
+def video_samples(names, res: Resolution, out: Path, log):
+    import torch
+
+    from .models import bundled
+    from .sample import generate, strip_figure, write_gif
+    config = SamplerConfig(num_steps=250, clip_denoised=True)
+    videos, paths = [], []
+    for n in names:
+        v = generate(bundled.load(n), [0], res.video_samples, config, seed=0)      # (S, 1, F, 16, 16)
+        write_gif(v, out / f"{STEMS['h']}_{n}.gif", columns=min(5, res.video_samples))
+        paths.append(out / f"{STEMS['h']}_{n}.gif")
+        videos.append(v)
+    stack = torch.stack(videos)                                                   # (M, S, 1, F, H, W)
+    ds = xr.Dataset({"video": (("model", "sample", "channel", "frame", "y", "x"), stack.numpy(),
+                               {"long_name": "generated video", "units": "pixel value in [-1, 1]"})},
+                    coords={"model": list(names), "sample": np.arange(stack.shape[1])},
+                    attrs={"sampler": "DDPM-250", "clip_denoised": 1, "seed": 0, "unconditional": 1})
+    both = torch.cat([v for v in videos])
+    fig = strip_figure(both, f"{' (top) / '.join(names)} (bottom): DDPM-250, unconditional, seed 0")
+    log(f"h: {len(names)} x {res.video_samples} videos")
+    return ds, fig, paths
+
+
+# ------------------------------------------------------------------ README
+def readme(done: dict[str, float], resolution: str) -> str:
+    lines = ["# Figures", "",
+             "Regenerated by `python -m smoothness.figures` (all) or `python -m smoothness.figures --only <letter>`",
+             f"from the bundled models; this set at `--resolution {resolution}`. Each PNG has its data beside it as",
+             "`.nc` (xarray/netCDF, every setting in the attributes). Times are wall seconds on the machine that",
+             "made them.", "",
+             "| | figure | data | answers | command | s |", "|---|---|---|---|---|---|"]
+    for key in sorted(PAPER):
+        stem = STEMS[key]
+        t = f"{done[key]:.0f}" if key in done else "not run"
+        lines.append(f"| {key} | [{stem}.png]({stem}.png) | [{stem}.nc]({stem}.nc) | {PAPER[key]} | "
+                     f"`python -m smoothness.figures --only {key}` | {t} |")
+    return "\n".join(lines) + "\n"
+
+
+def _times(path: Path) -> dict[str, float]:
+    """Times of figures already listed in an existing README (so --only keeps the others' lines)."""
+    out = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            cells = [c.strip() for c in line.split("|")]
+            if len(cells) > 6 and cells[1] in PAPER:
+                try:
+                    out[cells[1]] = float(cells[6])
+                except ValueError:
+                    pass
+    return out
+
+
+# ------------------------------------------------------------------ CLI
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m smoothness.figures", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(sorted(PAPER)),
+                   help=f"figures to make, comma-separated letters (default: all, {','.join(sorted(PAPER))})")
+    p.add_argument("--resolution", choices=sorted(RESOLUTIONS), default="default",
+                   help="default (<= 15 min on 2 cores) or paper (finer grids, more seeds; hours) (default: default)")
+    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: 0)")
+    args = p.parse_args(argv)
+    only = [c.strip() for c in args.only.split(",") if c.strip()]
+    bad = [c for c in only if c not in PAPER]
+    if bad or not only:
+        raise ValueError(f"unknown figure {bad[0] if bad else args.only!r} in --only; allowed: {', '.join(sorted(PAPER))}")
+    if args.threads < 0:
+        raise ValueError(f"--threads={args.threads} is not allowed; use 0 or a positive integer")
+    import torch
+
+    from .models import bundled
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = RESOLUTIONS[args.resolution]
+    out = check_writable(args.out)
+    pair, video = bundled.DEFAULT_PAIR, bundled.VIDEO_PAIR
+    models = {n: bundled.load(n).eval() for n in pair}
+    log = lambda msg: print(f"  {msg}")
+    done = _times(out / "README.md")
+    sweep_ds = None
+    for key in sorted(only):
+        t0 = time.time()
+        print(f"({key}) {PAPER[key]}")
+        if key == "a":
+            ds, fig = surfaces(pair, res, res.grid, log)
+        elif key in ("b", "c"):
+            if sweep_ds is None:
+                sweep_ds = cache_sweep(models, res, log)
+            ds = sweep_ds
+            if key == "b":
+                fig = teaser(ds, pair[1], pair[0])
+            else:
+                from .cache.cli import figure
+                fig = figure(ds)
+        elif key == "d":
+            ds, fig = dynamics(models, res, log)
+        elif key == "e":
+            ds, fig = correlation(pair, res, log)
+        elif key == "f":
+            ds, fig = spectral(models, res, log)
+        elif key == "g":
+            ds, fig = surfaces(video, res, res.video_grid, log)
+        else:
+            ds, fig, _ = video_samples(video, res, out, log)
+        ds.attrs.update(figure=key, answers=PAPER[key], resolution=args.resolution,
+                        command=f"python -m smoothness.figures --only {key} --resolution {args.resolution}")
+        paths = _save(ds, fig, out, STEMS[key])
+        done[key] = time.time() - t0
+        print(f"    {done[key]:.0f}s -> " + ", ".join(str(q) for q in paths))
+        with atomic_path(out / "README.md") as tmp:
+            tmp.write_text(readme(done, args.resolution))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

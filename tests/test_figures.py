@@ -1,0 +1,45 @@
+"""The figures command: its README, its CLI errors, and the teaser plot against the sweep's data."""
+import numpy as np
+import pytest
+
+from smoothness import figures
+from smoothness.cli import run_cli
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_readme_lists_every_figure_and_keeps_times(tmp_path):
+    text = figures.readme({"a": 12.4, "e": 80.0}, "default")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2] in figures.PAPER]
+    assert [r[2] for r in rows] == sorted(figures.PAPER)
+    for key, stem in figures.STEMS.items():
+        assert f"[{stem}.png]({stem}.png)" in text and f"--only {key}`" in text
+    (tmp_path / "README.md").write_text(text)
+    assert figures._times(tmp_path / "README.md") == {"a": 12.0, "e": 80.0}
+
+
+@pytest.mark.parametrize("argv,match", [(["--only", "a,z"], "'z'"), (["--resolution", "huge"], None),
+                                        (["--threads", "-1"], "--threads=-1")])
+def test_cli_errors_exit_2(tmp_path, capsys, argv, match):
+    assert run_cli(figures.main, argv + ["--out", str(tmp_path)]) == 2
+    if match:
+        assert match in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())                # nothing written
+
+
+def test_teaser_draws_the_sweep_cosines(make_model):
+    import torch
+
+    from smoothness.cache.cli import sweep
+    from smoothness.diffusion import SamplerConfig
+    models = {"plain": make_model("DiT-Mini/2", num_classes=3, in_channels=1),
+              "skip": make_model("DiT-Mini/2-skip", num_classes=3, in_channels=1)}
+    ds = sweep(models, SamplerConfig(num_steps=5, cfg_scale=2.0), ("skip-cache", "deep-reuse", "fora"), (2,), (1,),
+               [(0, 1000)], (0,), (0, 1), 1, log=lambda *a: None)
+    fig = figures.teaser(ds, "skip", "plain", interval=2, k=1)
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["skip-cache on skip", "fora on plain", "deep-reuse on plain"]
+    want = ds["step_cosine"].sel({"model": "plain", "method": "fora", "interval": 2, "k": 1}).isel(window=0).mean("seed")
+    np.testing.assert_allclose(lines[1].get_ydata(), want.values)
+    np.testing.assert_allclose(lines[1].get_xdata(), ds.timestep.values)
+    assert (want.values < 1).any()
