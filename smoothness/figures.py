@@ -108,6 +108,8 @@ def cache_sweep(models, res: Resolution, log):
 def teaser(ds: xr.Dataset, skip_label: str, plain_label: str, interval: int = 2, k: int | None = None):
     """Cosine similarity to the uncached outputs against the timestep, one curve per (model, method)."""
     import matplotlib.pyplot as plt
+
+    from .cache.cli import chain_title
     k = k if k is not None else int(ds.k.values[-1])
     sel = ds["step_cosine"].sel(interval=interval, k=k).isel(window=0).mean("seed")
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
@@ -118,8 +120,8 @@ def teaser(ds: xr.Dataset, skip_label: str, plain_label: str, interval: int = 2,
     ax.invert_xaxis()
     ax.set_xlabel("denoising timestep t (sampling runs left to right)")
     ax.set_ylabel("cosine similarity, cached vs uncached output")
-    ax.set_title(f"{ds.attrs['sampler'].upper()}-{ds.attrs['num_sampling_steps']}, cfg {ds.attrs['cfg_scale']}, "
-                 f"N={interval}, k={k}, samples {len(ds.attrs['classes']) * ds.attrs['per_class']}", fontsize=9)
+    ax.set_title(f"{chain_title(ds)}, N={interval}, k={k}, samples {len(ds.attrs['classes']) * ds.attrs['per_class']}",
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

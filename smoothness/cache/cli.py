@@ -221,6 +221,11 @@ def _points(ds: xr.Dataset):
             yield str(m), str(a), sorted(pts)
 
 
+def chain_title(ds: xr.Dataset) -> str:
+    """``DDPM-50, cfg 3.0``: the sweep's chain, from its attrs."""
+    return f"{ds.attrs['sampler'].upper()}-{ds.attrs['num_sampling_steps']}, cfg {ds.attrs['cfg_scale']}"
+
+
 def figure(ds: xr.Dataset):
     """Matplotlib: PSNR (y) against theoretical speedup (x), one line per model and method."""
     import matplotlib
@@ -234,8 +239,7 @@ def figure(ds: xr.Dataset):
                 label=f"{m} / {a}")
     ax.set_xlabel("theoretical speedup (MACs, x)")
     ax.set_ylabel("PSNR against uncached run (dB)")
-    ax.set_title(f"{ds.attrs['sampler'].upper()}-{ds.attrs['num_sampling_steps']}, cfg {ds.attrs['cfg_scale']}, "
-                 f"seeds {ds.attrs['seeds']}", fontsize=9)
+    ax.set_title(f"{chain_title(ds)}, seeds {ds.attrs['seeds']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dit import FP32LayerNorm, HookPoint, SkipLinear, TimestepEmbedder, Trunk, _sincos_1d
+from .dit import FP32LayerNorm, HookPoint, PatchEmbed, SkipLinear, TimestepEmbedder, Trunk, _sincos_1d
 from .latte import Latte, LatteConfig
 
 
@@ -85,17 +85,6 @@ def sincos_frames(dim: int, frames: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- modules
-class PatchEmbed(nn.Module):
-    """diffusers ``PatchEmbed`` without its buffer: conv patches, flattened (the table is added by the model)."""
-
-    def __init__(self, patch: int, in_channels: int, hidden: int):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch, bias=True)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)                   # (N, C, H, W) -> (N, T, D)
-
-
 class TimestepEmbedding(nn.Module):
     """diffusers ``TimestepEmbedding``: linear_1, SiLU, linear_2 over the 256 sinusoidal channels."""
 
@@ -241,7 +230,7 @@ class LatteT2V(Latte):
         nn.Module.__init__(self)            # DiT.__init__ builds DiT-named modules; the layout here is diffusers'
         self.config = cfg = config
         H, pairs = cfg.hidden_size, cfg.depth // 2
-        self.pos_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, H)
+        self.pos_embed = PatchEmbed(cfg.patch_size, cfg.in_channels, H)   # diffusers names its patch embedding pos_embed
         block = lambda cross: T2VBlock(H, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cross)
         self.transformer_blocks = nn.ModuleList(block(True) for _ in range(pairs))
         self.temporal_transformer_blocks = nn.ModuleList(block(False) for _ in range(pairs))
