@@ -7,6 +7,10 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 
 
 def run_cli(main, argv=None) -> int:
+    """Run a CLI ``main``; figures render off-screen (the library leaves the backend to the user, so
+    notebooks keep their inline plots)."""
+    import matplotlib
+    matplotlib.use("Agg")
     try:
         main(argv)
     except USER_ERRORS as e:

@@ -5,12 +5,9 @@ Arrays are laid out as Z[j, i] = f(alpha_i, beta_j), matching ``np.meshgrid(alph
 """
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import xarray as xr  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import xarray as xr
 
 
 def _panel(ds: xr.Dataset, readout: str | None, seed) -> xr.DataArray:

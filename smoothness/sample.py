@@ -49,8 +49,6 @@ def generate(model, classes: list[int], per_class: int, config: SamplerConfig, s
 def strip_figure(videos: torch.Tensor, title: str, pixel_range: bool = True):
     """Frame strips of (N, C, F, H, W) videos: one row per video, one column per frame (first channel).
     ``pixel_range``: grey scale fixed to [-1, 1] (pixel models); else scaled per video (latents)."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n, f = videos.shape[0], videos.shape[2]
     fig, axes = plt.subplots(n, f, figsize=(f * 0.6 + 0.6, n * 0.6 + 0.6), squeeze=False)
@@ -99,8 +97,6 @@ def generate_text(model, captions: torch.Tensor, per_caption: int, config: Sampl
 
 
 def grid_figure(samples: torch.Tensor, classes: list[int], title: str):
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = len(classes)
     cols = samples.shape[0] // rows

@@ -125,8 +125,6 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, save_every: int = 2
 
 def loss_figure(checkpoints: dict[str, Path], window: int = 50):
     """Training-loss curves (moving average over ``window`` steps) from checkpoints' ``meta``."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 

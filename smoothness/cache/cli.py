@@ -228,8 +228,6 @@ def chain_title(ds: xr.Dataset) -> str:
 
 def figure(ds: xr.Dataset):
     """Matplotlib: PSNR (y) against theoretical speedup (x), one line per model and method."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colors = dict(zip(METHODS, ["C0", "C1", "C2", "C3", "C7"]))              # one colour per method
