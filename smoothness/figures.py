@@ -40,7 +40,7 @@ PAPER = {
     "e": "the paper's thesis, measured: smoothness against caching error (rho)",
     "f": "v4/v5 spectral-norm argument: largest Jacobian singular value per unit and end to end",
     "g": "Fig. 2 (v1) as drawn: Latte vs Latte-skip, unconditional video, DDPM steps 10 and 250",
-    "h": "samples of the bundled video pair (Latte, Latte-skip)",
+    "h": "samples of the bundled video pair (Latte, Latte-skip): frame strips, and one GIF per model beside them",
 }
 STEMS = {"a": "fig_a_surfaces", "b": "fig_b_cache_similarity", "c": "fig_c_quality_speedup",
          "d": "fig_d_feature_dynamics", "e": "fig_e_smoothness_vs_caching", "f": "fig_f_spectral_norms",

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from smoothness.models.dit import Trunk
+from smoothness.models.dit import DiT, Trunk
 
 
 class ToyBlock(nn.Module):
@@ -62,24 +62,8 @@ class ToyVideo(nn.Module):
         tokens = x.reshape(n, c, -1).transpose(1, 2)                     # (N, F*H*W, C)
         return Trunk(self.inp(tokens), self.t_lin(t.to(self.t_lin.weight.dtype)[:, None] / 1000))
 
-    def fuse(self, k, deep, skip):
-        return self.skip_linears[k](self.skip_norms[k](torch.cat([deep, skip], dim=-1)))
-
-    def run_blocks(self, u, h, trunk):
-        for i in self.unit_blocks(u):
-            h = self.blocks[i](h, trunk.c)
-        return h
-
-    def run_unit(self, u, trunk, deep=None):
-        h = trunk.h if deep is None else deep
-        if u in self.skip_into:
-            src, k = self.skip_into[u]
-            h = self.fuse(k, h, trunk.skips.pop(src))
-        h = self.run_blocks(u, h, trunk)
-        if u in self.skip_sources:
-            trunk.skips[u] = h
-        trunk.h = h
-        return trunk
+    # The unit protocol itself is DiT's: fuse, run the unit's blocks, push.
+    fuse, run_blocks, run_unit = DiT.fuse, DiT.run_blocks, DiT.run_unit
 
     def head(self, trunk):
         n = trunk.h.shape[0]

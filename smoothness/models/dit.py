@@ -360,13 +360,23 @@ class DiT(nn.Module):
         return self.head(trunk)
 
     # ------------------------------------------------------------------ sites
+    def block_path(self, i: int) -> str:
+        """Module path of the site ``blocks.{i}`` (the i-th block in execution order)."""
+        return f"blocks.{i}"
+
+    def extra_block_sites(self, i: int, path: str) -> dict[str, str]:
+        """Sites a block has besides its output, attention and MLP branches (none for DiT)."""
+        return {}
+
     def sites(self) -> dict[str, str]:
         """Published hook sites: site name -> module path (see ``smoothness.hooks``)."""
         out = {"input": "hook_input", "embed": "hook_embed"}
         for i in range(len(self.blocks)):
-            out[f"blocks.{i}"] = f"blocks.{i}"
-            out[f"blocks.{i}.attn"] = f"blocks.{i}.hook_attn"
-            out[f"blocks.{i}.mlp"] = f"blocks.{i}.hook_mlp"
+            path = self.block_path(i)
+            out[f"blocks.{i}"] = path
+            out[f"blocks.{i}.attn"] = f"{path}.hook_attn"
+            out.update(self.extra_block_sites(i, path))
+            out[f"blocks.{i}.mlp"] = f"{path}.hook_mlp"
         for k in range(len(getattr(self, "skip_linears", []))):
             out[f"skips.{k}"] = f"skip_linears.{k}"
         out["output"] = "hook_output"

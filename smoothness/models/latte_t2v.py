@@ -276,19 +276,9 @@ class LatteT2V(Latte):
         stack = "transformer_blocks" if i % 2 == 0 else "temporal_transformer_blocks"
         return f"{stack}.{i // 2}"
 
-    def sites(self) -> dict[str, str]:
-        out = {"input": "hook_input", "embed": "hook_embed"}
-        for i in range(self.config.depth):
-            path = self.block_path(i)
-            out[f"blocks.{i}"] = path
-            out[f"blocks.{i}.attn"] = f"{path}.hook_attn"
-            if i % 2 == 0:
-                out[f"blocks.{i}.cross"] = f"{path}.hook_cross"
-            out[f"blocks.{i}.mlp"] = f"{path}.hook_mlp"
-        for k in range(len(getattr(self, "skip_linears", []))):
-            out[f"skips.{k}"] = f"skip_linears.{k}"
-        out["output"] = "hook_output"
-        return out
+    def extra_block_sites(self, i: int, path: str) -> dict[str, str]:
+        """Spatial blocks also publish their cross-attention branch, ``blocks.{i}.cross``."""
+        return {f"blocks.{i}.cross": f"{path}.hook_cross"} if i % 2 == 0 else {}
 
     # ----------------------------------------------------------- conditioning
     def check_captions(self, y, batch: int | None = None):
