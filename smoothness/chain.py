@@ -3,7 +3,7 @@
 Every analysis (correlate, dynamics, spectral) follows the surfaces' convention: one uncached chain
 per seed, batch 1, conditioned on one class label; the seed draws x_T and all sampler noise, so the
 same seed gives the same x_t at every step in every module. Nothing here assumes images: a sample
-is whatever ``sample_shape(model)`` says ((C, H, W) for DiT, (C, F, H, W) for a video model), and
+is whatever ``model.sample_shape()`` says ((C, H, W) for DiT, (C, F, H, W) for a video model), and
 models without classes (``config.num_classes == 0``) are called with ``y=None``.
 """
 from __future__ import annotations
@@ -17,29 +17,18 @@ import torch
 from .diffusion import Diffusion, SamplerConfig, Step
 
 
-def sample_shape(model) -> tuple[int, ...]:
-    """One sample's shape without the batch: ``model.sample_shape`` when the model publishes one,
-    else (C, [num_frames,] H, W) from its config."""
-    own = getattr(model, "sample_shape", None)
-    if own is not None:
-        return tuple(int(v) for v in (own() if callable(own) else own))
-    c = model.config
-    side = c.input_size if isinstance(c.input_size, (tuple, list)) else (c.input_size, c.input_size)
-    frames = getattr(c, "num_frames", None)
-    return (c.in_channels, *(() if not frames else (frames,)), *side)
-
-
 def num_classes(model) -> int:
     return int(getattr(model.config, "num_classes", 0) or 0)
 
 
-def labels(model, class_label: int, n: int = 1, device=None) -> torch.Tensor | None:
-    """(n,) labels for a class-conditional model; None for an unconditional one."""
+def labels(model, class_label: int, n: int = 1, device=None, who: str = "this model") -> torch.Tensor | None:
+    """(n,) labels for a class-conditional model; None for an unconditional one. ``who`` names the
+    model in the error."""
     classes = num_classes(model)
     if classes == 0:
         return None
     if not 0 <= class_label < classes:
-        raise ValueError(f"class label {class_label} is not allowed for this model; use 0..{classes - 1}")
+        raise ValueError(f"class label {class_label} is not allowed for {who}; use 0..{classes - 1}")
     return torch.full((n,), class_label, dtype=torch.long, device=device)
 
 
@@ -54,7 +43,7 @@ def reference_chain(model, diffusion: Diffusion, sampler: SamplerConfig, seed: i
     device, dtype = model_device_dtype(model)
     y = labels(model, class_label, 1, device)
     g = generator if generator is not None else torch.Generator().manual_seed(int(seed))
-    return diffusion.sample_steps(model, (1, *sample_shape(model)), y, sampler, generator=g, device=device,
+    return diffusion.sample_steps(model, (1, *model.sample_shape()), y, sampler, generator=g, device=device,
                                   dtype=dtype)
 
 

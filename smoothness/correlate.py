@@ -187,7 +187,7 @@ def caching_errors(models, cfg: CorrelateConfig, log=None) -> xr.DataArray:
         for j, seed in enumerate(seeds):
             g = torch.Generator().manual_seed(int(seed))
             after_x_T = torch.Generator().manual_seed(int(seed))
-            torch.randn((1, *chain.sample_shape(model)), generator=after_x_T)
+            torch.randn((1, *model.sample_shape()), generator=after_x_T)
             x_t, outs, noise = {}, {}, {1: after_x_T.get_state()}    # noise[j]: generator state entering step j
             with torch.inference_mode():
                 for rec in chain.reference_chain(model, diffusion, cfg.sampler, seed, cfg.surface.class_label, g):

@@ -68,25 +68,23 @@ class GridEngine:
             self.param_names = []
 
     # ------------------------------------------------------------ directions
-    def _pair(self, name: str, weight: torch.Tensor):
-        if name in self._dirs:
-            return self._dirs[name]
-        spec = self.p.directions
-        pair = (direction(weight, name, 1, spec).to(weight.dtype), direction(weight, name, 2, spec).to(weight.dtype))
-        if self.cache_directions:
-            self._dirs[name] = pair
-        return pair
-
-    def _pair_t(self, name: str, weight: torch.Tensor):
-        """Directions of a Linear weight, transposed to (in, out) and contiguous, as the GEMMs use them."""
-        key = name + ".T"
+    def _cached(self, key: str, make):
         if key in self._dirs:
             return self._dirs[key]
-        spec = self.p.directions
-        pair = tuple(direction(weight, name, i, spec).to(weight.dtype).t().contiguous() for i in (1, 2))
+        pair = make()
         if self.cache_directions:
             self._dirs[key] = pair
         return pair
+
+    def _pair(self, name: str, weight: torch.Tensor):
+        spec = self.p.directions
+        return self._cached(name, lambda: tuple(direction(weight, name, i, spec).to(weight.dtype) for i in (1, 2)))
+
+    def _pair_t(self, name: str, weight: torch.Tensor):
+        """Directions of a Linear weight, transposed to (in, out) and contiguous, as the GEMMs use them."""
+        spec = self.p.directions
+        make = lambda i: direction(weight, name, i, spec).to(weight.dtype).t().contiguous()   # (in, out)
+        return self._cached(name + ".T", lambda: (make(1), make(2)))
 
     def _check_modules(self):
         chosen = set(self.param_names)

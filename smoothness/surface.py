@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from . import hooks, similarity
+from . import chain, hooks, similarity
 from .diffusion import Diffusion, SamplerConfig
 from .engine import GridEngine, Perturbation
 from .perturb import Axis
@@ -258,14 +258,11 @@ def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | No
         if not c.num_classes and cfg.sampler.cfg_scale != 1.0:
             raise ValueError(f"cfg_scale={cfg.sampler.cfg_scale:g} needs a class-conditional model; {e.label} is "
                              "unconditional (use a guidance scale of 1)")
-        if c.num_classes and not 0 <= cfg.class_label < c.num_classes:
-            raise ValueError(f"class label {cfg.class_label} is not allowed for {e.label}; "
-                             f"use 0..{c.num_classes - 1}")
         engine = GridEngine(e.model, cfg.perturbation)
         for r in _sites(cfg.readouts):
             hooks.resolve_sites(e.model, r)
         shape = (1, *e.model.sample_shape())
-        y1 = torch.tensor([cfg.class_label], device=device) if c.num_classes else None
+        y1 = chain.labels(e.model, cfg.class_label, 1, device, who=e.label)      # None if unconditional
         with torch.inference_mode():
             if cfg.evaluation == "local":
                 inputs = [_chain_inputs(e, cfg, diffusion, seed, y1, shape) for seed in cfg.seeds]

@@ -55,6 +55,10 @@ class ToyVideo(nn.Module):
     def block_kind(self, i):
         return "block"
 
+    def sample_shape(self):
+        c = self.config
+        return (c.in_channels, c.num_frames, c.input_size, c.input_size)
+
     def embed(self, x, t, y=None):
         if y is not None:
             raise ValueError("the toy model is unconditional; pass y=None")

@@ -221,3 +221,12 @@ def test_cli_writes_outputs_and_rejects_bad_input(pair, tmp_path, capsys):
         assert "not writable" in capsys.readouterr().err
     finally:
         ro.chmod(0o700)
+
+
+def test_class_label_outside_the_model_is_refused_naming_the_model():
+    from smoothness.models import build
+    model = build("DiT-Mini/2", input_size=8, in_channels=1, num_classes=3).eval()
+    cfg = surface.SurfaceConfig(steps=(1,), sampler=SamplerConfig(num_steps=2), alpha="-0.1:0.1:3",
+                                beta="-0.1:0.1:3", class_label=5)
+    with pytest.raises(ValueError, match=r"class label 5 is not allowed for tiny; use 0\.\.2"):
+        surface.compute([surface.ModelEntry("tiny", model)], cfg, progress=False)
