@@ -60,8 +60,15 @@ def load(split: str = "train") -> Digits:
 #################################################################################
 
 FRAMES = 8           # frames per video
-DIGIT = 8            # a digit moves at its native 8x8 resolution across the 16x16 canvas
+DIGIT = 12           # a digit is drawn bilinearly at 12x12 (smooth strokes, as the image pair's 16x16)
 SPEEDS = (-1, 0, 1)  # pixels per frame along each axis; (0, 0) is excluded, every video moves
+ROOM = SIZE - DIGIT  # largest top-left offset, 4: digits bounce off the canvas edges, as in Moving MNIST
+
+
+def render(digits8: torch.Tensor) -> torch.Tensor:
+    """(N, 8, 8) native digits -> (N, DIGIT, DIGIT) bilinear glyphs in [-1, 1] (blank border stays -1)."""
+    x = F.interpolate(digits8.unsqueeze(1), size=(DIGIT, DIGIT), mode="bilinear", align_corners=False)
+    return x.squeeze(1).clamp(-1, 1)
 
 
 def _native(split: str) -> torch.Tensor:
@@ -75,10 +82,7 @@ def _native(split: str) -> torch.Tensor:
 
 
 def random_motion(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start corners (n, 2) and velocities (n, 2) in pixels per frame, so that an 8x8 digit stays
-    on the 16x16 canvas for all ``FRAMES`` frames; no video stands still."""
-    travel = FRAMES - 1
-    room = SIZE - DIGIT                                                # largest top-left offset, 8
+    """Start corners (n, 2) in 0..ROOM and velocities (n, 2) in pixels per frame; no video stands still."""
     speeds = torch.tensor(SPEEDS)
     v = speeds[torch.randint(0, len(SPEEDS), (n, 2), generator=generator)]
     still = (v == 0).all(dim=1)
@@ -86,24 +90,34 @@ def random_motion(n: int, generator: torch.Generator) -> tuple[torch.Tensor, tor
     axis = torch.randint(0, 2, (n,), generator=generator)
     sign = torch.randint(0, 2, (n,), generator=generator) * 2 - 1
     v[still, axis[still]] = sign[still]
-    lo = torch.where(v < 0, travel, 0)                                 # start range keeps the path inside
-    hi = torch.where(v > 0, room - travel, room)
-    start = lo + (torch.rand(n, 2, generator=generator) * (hi - lo + 1)).long().clamp(max=hi - lo)
+    start = torch.randint(0, ROOM + 1, (n, 2), generator=generator)
     return start, v
 
 
-def moving_digits(digits8: torch.Tensor, start: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
-    """Paste each 8x8 digit (N, 8, 8) at ``start + f * velocity`` on a blank (-1) 16x16 canvas for
+def bounce(start: torch.Tensor, velocity: torch.Tensor, room: int = ROOM) -> torch.Tensor:
+    """Top-left corners (N, FRAMES, 2) of a path that reflects off the walls at 0 and ``room``:
+    the unfolded position ``start + f * velocity`` folded into [0, room] (a triangle wave)."""
+    if room < 1:
+        raise ValueError(f"room={room} is not allowed; a moving glyph needs at least one pixel of room")
+    if (start < 0).any() or (start > room).any():
+        raise ValueError(f"start corners must lie in 0..{room}, got {start.tolist()}")
+    f = torch.arange(FRAMES).view(1, FRAMES, 1)
+    unfolded = (start.unsqueeze(1) + f * velocity.unsqueeze(1)) % (2 * room)   # Python modulo: >= 0
+    return torch.where(unfolded > room, 2 * room - unfolded, unfolded)
+
+
+def moving_digits(glyphs: torch.Tensor, start: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """Paste each glyph (N, D, D) at its ``bounce`` path on a blank (-1) 16x16 canvas for
     f = 0..FRAMES-1. Returns videos (N, 1, F, 16, 16), channels first."""
-    n = digits8.shape[0]
+    n, d = glyphs.shape[0], glyphs.shape[-1]
+    if d > SIZE - 1:
+        raise ValueError(f"glyphs of {d}x{d} pixels cannot move on a {SIZE}x{SIZE} canvas; use <= {SIZE - 1}")
+    path = bounce(start, velocity, SIZE - d)                           # (N, F, 2)
     out = torch.full((n, 1, FRAMES, SIZE, SIZE), -1.0)
-    for f in range(FRAMES):
-        pos = start + f * velocity                                     # (N, 2) top-left corners
-        if (pos < 0).any() or (pos > SIZE - DIGIT).any():
-            raise ValueError("a motion leaves the canvas; use random_motion() for valid paths")
-        for i in range(n):
-            r, c = int(pos[i, 0]), int(pos[i, 1])
-            out[i, 0, f, r:r + DIGIT, c:c + DIGIT] = digits8[i]
+    for i in range(n):
+        for f in range(FRAMES):
+            r, c = int(path[i, f, 0]), int(path[i, f, 1])
+            out[i, 0, f, r:r + d, c:c + d] = glyphs[i]
     return out
 
 
@@ -112,7 +126,7 @@ def video_batch(n: int, generator: torch.Generator, split: str = "train") -> tor
     pool = _native(split)
     idx = torch.randint(0, len(pool), (n,), generator=generator)
     start, velocity = random_motion(n, generator)
-    return moving_digits(pool[idx], start, velocity)
+    return moving_digits(render(pool[idx]), start, velocity)
 
 
 def load_videos(n: int = 256, seed: int = 0, split: str = "test") -> torch.Tensor:

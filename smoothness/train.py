@@ -113,8 +113,8 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, save_every: int = 2
                 torch.save(_state(model, ema, opt, step, gen, losses), tmp)
     meta = {"train_config": json.dumps(asdict(cfg)), "losses": torch.tensor(losses, dtype=torch.float32),
             "num_heads": model.config.num_heads,
-            "data": ("moving digits: sklearn 8x8 digits pasted on a blank 16x16 canvas, 8 frames, "
-                     "1 px/frame paths, [-1, 1], train split") if video else
+            "data": ("moving digits: sklearn 8x8 digits drawn bilinearly at 12x12 on a blank 16x16 "
+                     "canvas, 8 frames, 1 px/frame paths bouncing off the edges, [-1, 1], train split") if video else
                     "sklearn digits 8x8 -> 16x16 bilinear, [-1, 1], train split"}
     sd = {k: v.half() if v.is_floating_point() else v for k, v in ema.state_dict().items()}
     with atomic_path(out) as tmp:

@@ -22,25 +22,57 @@ def latte(make_model):
 
 
 # ------------------------------------------------------------------- data
-def test_moving_digits_paste_the_digit_along_its_path():
-    digit = torch.arange(64, dtype=torch.float32).reshape(1, 8, 8) / 64
-    v = data.moving_digits(digit, torch.tensor([[7, 1]]), torch.tensor([[-1, 1]]))
+def test_bounce_reflects_off_the_walls_by_hand():
+    # room 4: 3 -> 4 -> (reflect) 3 -> 2 -> 1 -> 0 -> (reflect) 1 -> 2; a still axis stays put
+    path = data.bounce(torch.tensor([[3, 2]]), torch.tensor([[1, 0]]), room=4)
+    assert path[0, :, 0].tolist() == [3, 4, 3, 2, 1, 0, 1, 2]
+    assert path[0, :, 1].tolist() == [2] * data.FRAMES
+    back = data.bounce(torch.tensor([[1]]), torch.tensor([[-1]]), room=2)
+    assert back[0, :, 0].tolist() == [1, 0, 1, 2, 1, 0, 1, 2]
+
+
+def test_moving_digits_paste_the_glyph_along_its_path():
+    glyph = torch.arange(144, dtype=torch.float32).reshape(1, 12, 12) / 144
+    v = data.moving_digits(glyph, torch.tensor([[3, 1]]), torch.tensor([[1, -1]]))
     assert v.shape == (1, 1, data.FRAMES, 16, 16)
+    rows, cols = [3, 4, 3, 2, 1, 0, 1, 2], [1, 0, 1, 2, 3, 4, 3, 2]
     for f in range(data.FRAMES):
-        r, c = 7 - f, 1 + f
-        assert torch.equal(v[0, 0, f, r:r + 8, c:c + 8], digit[0])
+        r, c = rows[f], cols[f]
+        assert torch.equal(v[0, 0, f, r:r + 12, c:c + 12], glyph[0])
         outside = v[0, 0, f].clone()
-        outside[r:r + 8, c:c + 8] = -1
+        outside[r:r + 12, c:c + 12] = -1
         assert (outside == -1).all()
+
+
+def test_render_is_bilinear_and_keeps_the_blank_border():
+    x8 = data._native("test")[:5]
+    glyphs = data.render(x8)
+    assert glyphs.shape == (5, data.DIGIT, data.DIGIT)
+    ref = torch.nn.functional.interpolate(x8[:, None], scale_factor=data.DIGIT / 8, mode="bilinear",
+                                          align_corners=False)[:, 0]
+    assert torch.allclose(glyphs, ref.clamp(-1, 1))
+    assert glyphs.min() >= -1 and glyphs.max() <= 1
 
 
 def test_random_motion_stays_on_canvas_moves_and_is_seeded():
     s, v = data.random_motion(2000, torch.Generator().manual_seed(5))
-    end = s + (data.FRAMES - 1) * v
-    assert ((s >= 0) & (s <= 8) & (end >= 0) & (end <= 8)).all()
+    path = data.bounce(s, v)
+    assert ((path >= 0) & (path <= data.ROOM)).all()
+    assert (path[:, 1:] != path[:, :-1]).any(dim=2).all()             # every frame moves
     assert (v != 0).any(dim=1).all()
     assert len({tuple(x) for x in v.tolist()}) == 8                   # every nonzero velocity occurs
+    assert len({tuple(x) for x in s.tolist()}) == (data.ROOM + 1) ** 2
     assert torch.equal(data.load_videos(3, seed=2), data.load_videos(3, seed=2))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: data.bounce(torch.tensor([[5, 0]]), torch.tensor([[1, 1]])), "start corners must lie in 0..4"),
+    (lambda: data.moving_digits(torch.zeros(1, 16, 16), torch.tensor([[0, 0]]), torch.tensor([[1, 1]])),
+     "16x16 pixels cannot move"),
+])
+def test_motion_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
 
 
 # --------------------------------------------------------------- surfaces
