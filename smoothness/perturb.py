@@ -45,11 +45,23 @@ def _module_regex(pattern: str) -> re.Pattern:
     return re.compile(r"(?:" + pattern_regex(pattern).pattern + r")(?:\..+)?")
 
 
+def _block_regexes(model: nn.Module, pattern: str) -> list[re.Pattern]:
+    """Block patterns through the model's own module paths: ``blocks.{i}`` is the i-th block in
+    execution order, which LatteT2V keeps as ``transformer_blocks.{i//2}`` (spatial) and
+    ``temporal_transformer_blocks.{i//2}``. For DiT and Latte the paths are the names themselves."""
+    if not (pattern.startswith("blocks.") and hasattr(model, "sites")):
+        return []
+    target = pattern_regex(pattern)
+    return [re.compile(re.escape(path) + r"(?:\..+)?") for site, path in model.sites().items()
+            if re.fullmatch(r"blocks\.\d+", site) and target.fullmatch(site)]
+
+
 def select_parameters(model: nn.Module, spec: DirectionSpec) -> list[str]:
     """Names of the parameters a perturbation touches, in model order.
 
     Patterns address modules: ``blocks.*`` (all blocks), ``blocks.3``, ``blocks.0-6``, ``skips.*``
-    (both halves of every skip fusion), ``final_layer``, or ``all``. Frozen parameters (the fixed
+    (both halves of every skip fusion), ``final_layer``, or ``all``. ``blocks.{i}`` means the model's
+    i-th block site, whatever its module path (see ``_block_regexes``). Frozen parameters (the fixed
     position table) are never perturbed.
     """
     patterns = [p.strip() for p in spec.params.split(",") if p.strip()]
@@ -65,7 +77,7 @@ def select_parameters(model: nn.Module, spec: DirectionSpec) -> list[str]:
             if pat.startswith("skips."):
                 rest = pat[len("skips."):]
                 alts = [f"skip_norms.{rest}", f"skip_linears.{rest}"]
-            regexes = [_module_regex(a) for a in alts]
+            regexes = [_module_regex(a) for a in alts] + _block_regexes(model, pat)
             hits = {n for n in names if any(r.fullmatch(n) for r in regexes)}
         if not hits:
             raise ValueError(f"parameter pattern {pat!r} matches nothing in this model; "

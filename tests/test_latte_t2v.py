@@ -325,3 +325,20 @@ def test_sample_cli_text_to_video(tmp_path):
     assert (tmp_path / "samples_t2v.png").stat().st_size > 1000
     torch.save(torch.randn(3, 7), tmp_path / "wide.pt")
     assert run_cli(sample.main, argv[:3] + [str(tmp_path / "wide.pt")] + argv[6:]) == 2
+
+
+def test_block_patterns_select_through_the_block_paths(tiny4):
+    from smoothness.perturb import DirectionSpec, select_parameters
+    names = [n for n, p in tiny4.named_parameters() if p.requires_grad and p.dim() > 1]
+    stacks = ("transformer_blocks.", "temporal_transformer_blocks.")
+    assert select_parameters(tiny4, DirectionSpec()) == [n for n in names if n.startswith(stacks)]
+    # blocks.{i} is the i-th block in execution order: odd ones are temporal
+    assert select_parameters(tiny4, DirectionSpec(params="blocks.3")) == [
+        n for n in names if n.startswith("temporal_transformer_blocks.1.")]
+    assert set(select_parameters(tiny4, DirectionSpec(params="blocks.0-1"))) == {
+        n for n in names if n.startswith(("transformer_blocks.0.", "temporal_transformer_blocks.0."))}
+    # the module paths themselves still work
+    assert select_parameters(tiny4, DirectionSpec(params="temporal_transformer_blocks.*")) == [
+        n for n in names if n.startswith("temporal_transformer_blocks.")]
+    with pytest.raises(ValueError, match="'blocks.9' matches nothing"):
+        select_parameters(tiny4, DirectionSpec(params="blocks.9"))
