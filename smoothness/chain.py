@@ -21,15 +21,39 @@ def num_classes(model) -> int:
     return int(getattr(model.config, "num_classes", 0) or 0)
 
 
-def labels(model, class_label: int, n: int = 1, device=None, who: str = "this model") -> torch.Tensor | None:
-    """(n,) labels for a class-conditional model; None for an unconditional one. ``who`` names the
-    model in the error."""
+def is_text(model) -> bool:
+    """A text-conditioned model (LatteT2V): its condition is caption embeddings (N, L, C)."""
+    return hasattr(model, "check_captions")
+
+
+def labels(model, class_label: int, n: int = 1, device=None, who: str = "this model",
+           captions: torch.Tensor | None = None, dtype=None) -> torch.Tensor | None:
+    """The condition of n rows: (n,) labels for a class-conditional model, None for an unconditional
+    one, and ``captions`` (one caption, (1, L, C)) repeated to (n, L, C) for a text-to-video model.
+    ``who`` names the model in the errors."""
+    if is_text(model):
+        if captions is None:
+            raise ValueError(f"{who} is a text-to-video model: give one caption's embeddings "
+                             "(a tensor (L, C) or (1, L, C); the surface CLI takes --caption-embeds FILE)")
+        if captions.dim() != 3 or captions.shape[0] != 1:
+            raise ValueError(f"caption embeddings of shape {tuple(captions.shape)} hold "
+                             f"{captions.shape[0] if captions.dim() == 3 else '?'} captions; every chain is "
+                             "conditioned on one caption: give (L, C) or (1, L, C)")
+        model.check_captions(captions)
+        return captions.to(device=device, dtype=dtype or captions.dtype).repeat(n, 1, 1)
+    if captions is not None:
+        raise ValueError(f"caption embeddings are for text-to-video models; {who} is not one")
     classes = num_classes(model)
     if classes == 0:
         return None
     if not 0 <= class_label < classes:
         raise ValueError(f"class label {class_label} is not allowed for {who}; use 0..{classes - 1}")
     return torch.full((n,), class_label, dtype=torch.long, device=device)
+
+
+def tile(y: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Labels or caption embeddings repeated n times along the batch (group-major)."""
+    return None if y is None else y.repeat(n, *([1] * (y.dim() - 1)))
 
 
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:

@@ -90,9 +90,11 @@ class GridEngine:
         chosen = set(self.param_names)
         for mname, module in self.model.named_modules():
             own = {f"{mname}.{n}" if mname else n for n, _ in module.named_parameters(recurse=False)}
-            if own & chosen and not isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding)):
+            if own & chosen and not (isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding))
+                                     or hasattr(module, "forward_grouped")):
                 raise ValueError(f"cannot perturb parameters of {mname!r} ({type(module).__name__}); "
-                                 "supported: Linear, Conv2d, LayerNorm, Embedding")
+                                 "supported: Linear, Conv2d, LayerNorm, Embedding and modules with "
+                                 "forward_grouped")
 
     # -------------------------------------------------------------- weights
     def _grouped(self, module: nn.Module, mname: str, coef):
@@ -111,6 +113,11 @@ class GridEngine:
             return out.addcmul_(b.to(w.dtype).view(shape), d2)
 
         g = a.numel()
+        if hasattr(module, "forward_grouped"):
+            # A module that uses its own parameters directly (LatteT2V's scale_shift_table) takes
+            # them per group; its child modules are overridden on their own.
+            own = [attr for attr in names if names[attr] in self.param_names]
+            return lambda *args, **kw: module.forward_grouped({n: value(n) for n in own}, g, *args, **kw)
         if isinstance(module, nn.Linear):
             wname = names["weight"]
             if wname not in self.param_names:                          # only the bias is perturbed

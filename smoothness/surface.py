@@ -24,6 +24,7 @@ import xarray as xr
 from . import chain, hooks, similarity
 from .diffusion import Diffusion, SamplerConfig
 from .engine import GridEngine, Perturbation
+from .models.latte_t2v import load_caption_embeds
 from .perturb import Axis
 
 EVALUATIONS = ("local", "trajectory")
@@ -42,6 +43,7 @@ class SurfaceConfig:
     flatten: str = "sample"                  # sample | token (see smoothness.similarity)
     seeds: tuple[int, ...] = (0,)            # one chain per seed; x_T and sampler noise from it
     class_label: int = 0                     # the class every chain is conditioned on
+    caption_embeds: str = ""                 # text-to-video models: file with one caption's embeddings
     batch_size: int = 64                     # grid points per batched forward
     dtype: str = "float32"                   # float32 | bfloat16 (never float16 on CPU: ~300x slower)
     device: str = "cpu"
@@ -187,7 +189,7 @@ def _trajectory(entry: ModelEntry, cfg: SurfaceConfig, diffusion: Diffusion, see
     rows = shape[0] * (2 if cfg.sampler.cfg_scale != 1.0 else 1)
     col = _Collector(_sites(cfg.readouts), cfg.steps, g, rows, shape[0])
     with hooks.inject(entry.model, {s: col.hook for s in _sites(cfg.readouts)}):
-        for rec in diffusion.sample_steps(wrapper, (g * shape[0], *shape[1:]), None if y is None else y.repeat(g),
+        for rec in diffusion.sample_steps(wrapper, (g * shape[0], *shape[1:]), chain.tile(y, g),
                                           cfg.sampler, seed=seed, groups=g, dtype=DTYPES[cfg.dtype],
                                           device=torch.device(cfg.device)):
             if rec.step in cfg.steps:
@@ -249,20 +251,22 @@ def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | No
     todo = [(m, s) for m in range(len(entries)) for s in range(len(steps))
             if np.isnan(ds["surface"].values[m, s]).any()]
     bar = tqdm(total=len(todo) * len(chunks), disable=not progress, desc="surface", unit="chunk")
+    captions = load_caption_embeds(cfg.caption_embeds) if cfg.caption_embeds else None
     for m, e in enumerate(entries):
         if not any(mm == m for mm, _ in todo):
             continue
         c = e.model.config
         device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
         e.model.to(device=device, dtype=dtype).eval()
-        if not c.num_classes and cfg.sampler.cfg_scale != 1.0:
-            raise ValueError(f"cfg_scale={cfg.sampler.cfg_scale:g} needs a class-conditional model; {e.label} is "
+        if not (c.num_classes or chain.is_text(e.model)) and cfg.sampler.cfg_scale != 1.0:
+            raise ValueError(f"cfg_scale={cfg.sampler.cfg_scale:g} needs a conditional model; {e.label} is "
                              "unconditional (use a guidance scale of 1)")
         engine = GridEngine(e.model, cfg.perturbation)
         for r in _sites(cfg.readouts):
             hooks.resolve_sites(e.model, r)
         shape = (1, *e.model.sample_shape())
-        y1 = chain.labels(e.model, cfg.class_label, 1, device, who=e.label)      # None if unconditional
+        y1 = chain.labels(e.model, cfg.class_label, 1, device, who=e.label, captions=captions,
+                          dtype=dtype)                                   # None if unconditional
         with torch.inference_mode():
             if cfg.evaluation == "local":
                 inputs = [_chain_inputs(e, cfg, diffusion, seed, y1, shape) for seed in cfg.seeds]
@@ -275,7 +279,7 @@ def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | No
                     coef = (torch.tensor(points[chunk, 0]), torch.tensor(points[chunk, 1]))
                     if cfg.evaluation == "local":
                         x_t = torch.cat([inp[step] for inp in inputs])
-                        y = None if y1 is None else y1.repeat(len(cfg.seeds))
+                        y = chain.tile(y1, len(cfg.seeds))
                         data = _local(e, cfg, diffusion, step, x_t, y, coef, engine)
                     else:
                         per_seed = [_trajectory(e, cfg, diffusion, seed, y1, coef, engine, shape) for seed in cfg.seeds]
@@ -353,6 +357,9 @@ def _parser():
     a("--seeds", "--seed", dest="seeds", default=",".join(map(str, d.seeds)),
       help=f"chain seeds (x_T and sampler noise), comma-separated (default: {','.join(map(str, d.seeds))})")
     a("--class-label", type=int, default=d.class_label, help=f"(default: {d.class_label})")
+    a("--caption-embeds", default=d.caption_embeds, metavar="FILE",
+      help="text-to-video checkpoints: one caption's embeddings (L, C) or (1, L, C), .pt or .safetensors, "
+           "conditioning every chain (default: none)")
     a("--cfg-scale", type=float, default=d.sampler.cfg_scale, help=f"guidance >= 1 (default: {d.sampler.cfg_scale})")
     a("--device", default=d.device, help=f"(default: {d.device})")
     a("--dtype", choices=list(DTYPES), default=d.dtype, help=f"(default: {d.dtype})")
@@ -381,6 +388,7 @@ def config_from_args(args) -> SurfaceConfig:
                          evaluation=args.evaluation, readouts=tuple(r.strip() for r in args.readout.split(",") if r.strip()),
                          metric=args.metric, flatten=args.flatten,
                          seeds=tuple(parse_int_list(args.seeds, "--seeds")), class_label=args.class_label,
+                         caption_embeds=args.caption_embeds,
                          batch_size=args.batch_size, dtype=args.dtype, device=args.device)
 
 
@@ -430,7 +438,9 @@ def main(argv=None):
     out = check_writable(args.out)
     names = (args.model or []) + (args.ckpt or []) or list(bundled.DEFAULT_PAIR)
     entries = load_entries(names, args.num_heads)
-    for e in entries:                                   # validate every site before any work
+    captions = load_caption_embeds(cfg.caption_embeds) if cfg.caption_embeds else None
+    for e in entries:                                   # validate every condition and site before any work
+        chain.labels(e.model, cfg.class_label, 1, who=e.label, captions=captions)
         if cfg.perturbation.mode == "weights":
             GridEngine(e.model, cfg.perturbation)
         elif cfg.perturbation.site:

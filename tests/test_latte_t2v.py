@@ -3,6 +3,8 @@ config inference, the forward pass against a frame-by-frame, position-by-positio
 written from raw weights, caption files, DDIM-50 + CFG sampling, Skip-Cache on pairs, and errors."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -342,3 +344,61 @@ def test_block_patterns_select_through_the_block_paths(tiny4):
         n for n in names if n.startswith("temporal_transformer_blocks.")]
     with pytest.raises(ValueError, match="'blocks.9' matches nothing"):
         select_parameters(tiny4, DirectionSpec(params="blocks.9"))
+
+
+# ------------------------------------------------------- caption-conditioned surfaces
+def test_engine_equals_naive_loop_with_captions(tiny4):
+    from smoothness.engine import GridEngine, Perturbation, naive_forward
+    from smoothness.perturb import DirectionSpec
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(1, 4, 3, 4, 4, generator=g), torch.randn(1, 5, 12, generator=g)
+    t = torch.tensor([400])
+    spec = DirectionSpec(seed=1)
+    coef = (torch.tensor([0.0, 0.3, -0.2]), torch.tensor([0.0, 0.1, 0.25]))
+    with torch.no_grad():
+        out = GridEngine(tiny4, Perturbation("weights", spec)).forward(x, t, y, coef)
+        for i in range(3):
+            ref = naive_forward(tiny4, spec, float(coef[0][i]), float(coef[1][i]), x, t, y)
+            torch.testing.assert_close(out[i], ref, rtol=1e-4, atol=1e-5)
+    assert hooks.leftover_hooks(tiny4) == []
+
+
+def test_surface_on_a_caption(tiny4, tmp_path):
+    from smoothness.surface import ModelEntry, SurfaceConfig, compute
+    torch.save(torch.randn(5, 12, generator=torch.Generator().manual_seed(3)), tmp_path / "cap.pt")
+    torch.save(torch.randn(5, 12, generator=torch.Generator().manual_seed(4)), tmp_path / "other.pt")
+    base = SurfaceConfig(steps=(2, 3), sampler=SamplerConfig(num_steps=3, sampler="ddim", cfg_scale=4.0),
+                         alpha="-0.3:0.3:3", beta="-0.3:0.3:3", readouts=("output", "blocks.2.cross"),
+                         caption_embeds=str(tmp_path / "cap.pt"))
+    entry = ModelEntry("t2v", tiny4)
+    ds = compute([entry], base, progress=False, log=lambda *_: None)
+    s = ds["surface"]
+    assert (s.sel(alpha=0, beta=0) == 1).all() and bool(s.notnull().all())
+    assert float(s.min()) < 0.9999
+    other = compute([entry], SurfaceConfig(**{**base.__dict__, "caption_embeds": str(tmp_path / "other.pt")}),
+                    progress=False, log=lambda *_: None)
+    assert not np.allclose(other["surface"].values, s.values)
+    from smoothness.models import sha256
+    assert ds.attrs["caption_sha256"] == sha256(tmp_path / "cap.pt")
+    with pytest.raises(ValueError, match="text-to-video model: give one caption"):
+        compute([entry], SurfaceConfig(**{**base.__dict__, "caption_embeds": ""}), progress=False)
+    torch.save(torch.randn(2, 5, 12), tmp_path / "two.pt")
+    with pytest.raises(ValueError, match=r"hold 2 captions"):
+        compute([entry], SurfaceConfig(**{**base.__dict__, "caption_embeds": str(tmp_path / "two.pt")}),
+                progress=False)
+
+
+def test_surface_cli_with_caption_embeds(tmp_path):
+    from smoothness import surface
+    torch.manual_seed(0)
+    sd = build("LatteT2V-Mini/2-skip", num_frames=2).state_dict()
+    torch.save({"ema": sd, "meta": {"input_size": 8, "num_frames": 2}}, tmp_path / "t2v.pt")
+    torch.save(torch.randn(3, 32), tmp_path / "cap.pt")
+    argv = ["--ckpt", str(tmp_path / "t2v.pt"), "--num-steps", "3", "--sampler", "ddim", "--steps", "3",
+            "--grid=-0.2:0.2:3", "--out", str(tmp_path / "out")]
+    assert run_cli(surface.main, argv + ["--caption-embeds", str(tmp_path / "cap.pt")]) == 0
+    assert (tmp_path / "out" / "surface.nc").exists()
+    assert run_cli(surface.main, argv + ["--out", str(tmp_path / "none")]) == 2          # no caption
+    assert not (tmp_path / "none" / "surface.partial.nc").exists()
+    assert run_cli(surface.main, ["--model", "digits-dit", "--caption-embeds", str(tmp_path / "cap.pt"),
+                                  "--out", str(tmp_path / "img")]) == 2

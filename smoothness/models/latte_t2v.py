@@ -195,15 +195,25 @@ class T2VBlock(nn.Module):
         self.hook_cross = HookPoint() if cross else None
         self.hook_mlp = HookPoint()
 
-    def forward(self, x, mod, context=None):
-        """x (B, T, H); mod (B, 6H) from ``adaln_single``; context (B, L, H) for the spatial blocks."""
-        mod = self.scale_shift_table[None] + mod.reshape(mod.shape[0], 6, -1)     # (B, 6, H)
+    def forward(self, x, mod, context=None, table=None):
+        """x (B, T, H); mod (B, 6H) from ``adaln_single``; context (B, L, H) for the spatial blocks;
+        table: per-row (B, 6, H) values of ``scale_shift_table`` (default: the parameter)."""
+        table = self.scale_shift_table[None] if table is None else table
+        mod = table + mod.reshape(mod.shape[0], 6, -1)                   # (B, 6, H)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)   # each (B, 1, H)
         x = x + self.hook_attn(gate_msa * self.attn1(self.norm1(x) * (1 + scale_msa) + shift_msa))
         if self.attn2 is not None:
             x = x + self.hook_cross(self.attn2(x, context))             # PixArt: no norm before cross-attention
         x = x + self.hook_mlp(gate_mlp * self.ff(self.norm2(x) * (1 + scale_mlp) + shift_mlp))
         return x                                                         # (B, T, H)
+
+    def forward_grouped(self, values: dict, groups: int, x, mod, context=None):
+        """The perturbation engine's entry: ``values`` holds this block's own perturbed parameters
+        (``scale_shift_table`` as (G, 6, H)) for ``groups`` group-major slices of the batch."""
+        table = values.get("scale_shift_table")
+        if table is not None:
+            table = table.to(mod.dtype).repeat_interleave(mod.shape[0] // groups, dim=0)   # (B, 6, H)
+        return T2VBlock.forward(self, x, mod, context, table)
 
 
 @dataclass
