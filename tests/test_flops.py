@@ -118,3 +118,53 @@ def test_schedule_cost_and_speedup():
     speedups = [flops.theoretical_speedup(model, CacheConfig.preset("dit-c2i", n), chain) for n in range(2, 7)]
     assert speedups == sorted(speedups) and 1.5 < speedups[0] < 1.6
     assert flops.table(model).dims == ("component",)
+
+
+# --------------------------------------------------------------------------- Latte (video)
+def latte(depth=8):
+    return build("Latte-Mini/2-skip", input_size=8, in_channels=1, num_frames=3, num_classes=0, depth=depth).eval()
+
+
+def test_hand_count_latte_pair():
+    # Latte-Mini/2 on 3 frames of 8x8x1: T = 16 tokens per frame, F = 3, H = 64, MLP 256, 4 pairs, 2 fusions
+    shape = flops.Shape.of(latte())
+    assert (shape.units, shape.fusions, shape.frames) == (4, 2, 3)
+    c = flops.components(shape)
+    assert c["x_embedder"] == 3 * 16 * 64 * 4
+    assert c["spatial.adaLN"] == 3 * 64 * 384 and c["temporal.adaLN"] == 16 * 64 * 384
+    assert c["spatial.attn.qkv"] == c["temporal.attn.qkv"] == 48 * 64 * 192
+    assert c["spatial.attn.scores"] == 3 * 16 * 16 * 64          # 3 frames, 16 x 16 within each
+    assert c["temporal.attn.scores"] == 16 * 3 * 3 * 64          # 16 positions, 3 x 3 across frames
+    assert c["spatial.mlp"] == c["temporal.mlp"] == 2 * 48 * 64 * 256
+    assert c["fusion"] == 48 * 128 * 64 and c["final.adaLN"] == 3 * 64 * 128
+    assert flops.call_macs(shape, "skip-cache", k=1, full=False) == (
+        c["x_embedder"] + c["t_embedder"] + c["final.adaLN"] + c["final.linear"]
+        + 2 * flops.block_macs(shape) + c["fusion"])
+
+
+def _attention_macs(c, spatial_blocks, temporal_blocks):
+    if _sdpa_counted():
+        return 0
+    return (spatial_blocks * (c["spatial.attn.scores"] + c["spatial.attn.values"])
+            + temporal_blocks * (c["temporal.attn.scores"] + c["temporal.attn.values"]))
+
+
+@pytest.mark.parametrize("method,pairs_with_attention", [
+    ("skip-cache", 2), ("deep-reuse", 1), ("fora", 0), ("none", 4)])
+def test_latte_calls_match_flop_counter(method, pairs_with_attention):
+    model = latte()
+    shape, c = flops.Shape.of(model), flops.components(flops.Shape.of(model))
+    n, k = 2, 1
+    x, t = torch.randn(n, 1, 3, 8, 8), torch.full((n,), 500)
+    with torch.no_grad(), apply_cache(model, CacheConfig(method=method, interval=2, k=k)) as state:
+        model(x, t, None)
+        with FlopCounterMode(display=False) as fc:
+            model(x, t, None)
+    full = state.calls[-1].full
+    attn_mm = _attention_macs(c, pairs_with_attention, pairs_with_attention)
+    assert fc.get_total_flops() == 2 * n * (flops.call_macs(shape, method, k, full) - attn_mm)
+
+
+def test_text_to_video_is_refused_by_name():
+    with pytest.raises(ValueError, match="text-to-video models"):
+        flops.Shape.of(build("LatteT2V-Mini/2", device="meta"))

@@ -1,12 +1,14 @@
-"""Analytic multiply-accumulate (MAC) counts of a DiT forward, per component, and what a cache
-schedule costs.
+"""Analytic multiply-accumulate (MAC) counts of a DiT or class-to-video Latte forward, per
+component, and what a cache schedule costs.
 
 Counts are per sample (multiply by the batch, CFG doubles it) and include every matrix product:
 patch embedding (a strided conv), the timestep MLP, per block the adaLN modulation, the attention
 projections (qkv, out), the two attention matmuls (QK^T and AV) and the MLP, each skip fusion
 (Linear 2H -> H; LayerNorm and elementwise ops are not MACs) and the final layer. The label embedding
 is a lookup (0 MACs). ``torch.utils.flop_counter.FlopCounterMode`` reports FLOPs = 2 x MACs for the
-same products (it may not see CPU scaled-dot-product attention; see tests/test_flops.py).
+same products (it may not see CPU scaled-dot-product attention; see tests/test_flops.py). A Latte
+video costs F frames of every per-token product; its temporal blocks attend over F frames at each of
+the T positions, and each block computes its adaLN once per row it sees (F or T per sample).
 
 For DiT-XL/2 at 256 px this gives 118.6 GMACs for the vanilla forward, the "118.6 Gflops" of the DiT
 paper (which counts MACs), and 2 * 256 * 1152^2 = 0.68 GMACs per Skip-DiT fusion.
@@ -22,69 +24,96 @@ FREQ_SIZE = 256   # sinusoidal timestep features fed to the timestep MLP (DiT)
 
 @dataclass(frozen=True)
 class Shape:
-    """The sizes that decide a DiT forward's cost."""
+    """The sizes that decide a DiT or Latte forward's cost."""
 
-    tokens: int          # T = (input_size / patch) ** 2
+    tokens: int          # T = (input_size / patch) ** 2, per frame
     hidden: int          # H
     mlp: int             # inner MLP width
     depth: int           # blocks L
     patch: int           # p
     in_channels: int     # C
     out_channels: int    # C_out (2C with learned sigma)
-    fusions: int         # Skip-DiT fusions (depth / 2, or 0)
+    fusions: int         # Skip-DiT fusions (units / 2, or 0)
+    frames: int = 0      # F for Latte (units are (spatial, temporal) pairs); 0 for DiT (units are blocks)
 
     @classmethod
     def of(cls, model_or_config) -> "Shape":
         c = getattr(model_or_config, "config", model_or_config)
+        if hasattr(c, "caption_channels"):
+            raise ValueError("MAC counts cover DiT and class-to-video Latte; text-to-video models "
+                             "(cross-attention over caption tokens) are not counted")
+        frames = int(getattr(c, "num_frames", 0) or 0)
+        units = c.depth // 2 if frames else c.depth
         return cls(c.num_tokens, c.hidden_size, int(c.hidden_size * c.mlp_ratio), c.depth, c.patch_size,
-                   c.in_channels, c.out_channels, c.depth // 2 if c.skips else 0)
+                   c.in_channels, c.out_channels, units // 2 if c.skips else 0, frames)
+
+    @property
+    def units(self) -> int:
+        return self.depth // 2 if self.frames else self.depth
+
+
+def _block(rows: int, seqs: int, length: int, H: int, M: int, prefix: str) -> dict[str, int]:
+    """One transformer block on ``seqs`` sequences of ``length`` tokens, its adaLN on ``rows`` rows."""
+    n = seqs * length
+    return {
+        f"{prefix}.adaLN": rows * H * 6 * H,                     # Linear(H, 6H) on c, once per row
+        f"{prefix}.attn.qkv": n * H * 3 * H,
+        f"{prefix}.attn.scores": seqs * length * length * H,     # QK^T over all heads
+        f"{prefix}.attn.values": seqs * length * length * H,     # softmax(QK^T) V
+        f"{prefix}.attn.proj": n * H * H,
+        f"{prefix}.mlp": 2 * n * H * M,                          # fc1 and fc2
+    }
 
 
 def components(shape: Shape) -> dict[str, int]:
-    """MACs per sample of each component, once."""
+    """MACs per sample of each component, once. DiT's blocks are ``block.*``; Latte's pairs are a
+    ``spatial.*`` block (F frames of T tokens, c repeated per frame) and a ``temporal.*`` block (T
+    positions of F frames, c repeated per position)."""
     T, H, M, p = shape.tokens, shape.hidden, shape.mlp, shape.patch
+    F = shape.frames or 1
+    blocks = (_block(F, F, T, H, M, "spatial") | _block(T, T, F, H, M, "temporal") if shape.frames
+              else _block(1, 1, T, H, M, "block"))
     return {
-        "x_embedder": T * H * shape.in_channels * p * p,        # conv p x p, stride p
+        "x_embedder": F * T * H * shape.in_channels * p * p,    # conv p x p, stride p, per frame
         "t_embedder": FREQ_SIZE * H + H * H,                     # Linear(256, H), Linear(H, H)
         "y_embedder": 0,                                         # table lookup
-        "block.adaLN": H * 6 * H,                                # Linear(H, 6H) on c
-        "block.attn.qkv": T * H * 3 * H,
-        "block.attn.scores": T * T * H,                          # QK^T over all heads
-        "block.attn.values": T * T * H,                          # softmax(QK^T) V
-        "block.attn.proj": T * H * H,
-        "block.mlp": 2 * T * H * M,                              # fc1 and fc2
-        "fusion": T * 2 * H * H,                                 # Linear(2H, H) on cat[deep, skip]
-        "final.adaLN": H * 2 * H,
-        "final.linear": T * H * p * p * shape.out_channels,
+        **blocks,
+        "fusion": F * T * 2 * H * H,                             # Linear(2H, H) on cat[deep, skip]
+        "final.adaLN": F * H * 2 * H,
+        "final.linear": F * T * H * p * p * shape.out_channels,
     }
 
 
 def block_macs(shape: Shape, attn: bool = True, mlp: bool = True) -> int:
+    """MACs per sample of one unit (a DiT block, or a Latte (spatial, temporal) pair); without
+    ``attn`` / ``mlp`` that branch is reused (FORA)."""
     c = components(shape)
-    out = c["block.adaLN"]
-    if attn:
-        out += c["block.attn.qkv"] + c["block.attn.scores"] + c["block.attn.values"] + c["block.attn.proj"]
-    if mlp:
-        out += c["block.mlp"]
+    out = 0
+    for kind in (("spatial", "temporal") if shape.frames else ("block",)):
+        out += c[f"{kind}.adaLN"]
+        if attn:
+            out += sum(c[f"{kind}.attn.{part}"] for part in ("qkv", "scores", "values", "proj"))
+        if mlp:
+            out += c[f"{kind}.mlp"]
     return out
 
 
 def call_macs(shape: Shape, method: str = "none", k: int = 0, full: bool = True) -> int:
-    """MACs per sample of one model call under ``method`` (full or cached)."""
+    """MACs per sample of one model call under ``method`` (full or cached); ``k`` counts units."""
     c = components(shape)
     always = c["x_embedder"] + c["t_embedder"] + c["final.adaLN"] + c["final.linear"]
-    L, B = shape.depth, block_macs(shape)
+    U, B = shape.units, block_macs(shape)
     fuse = lambda n: n * c["fusion"] if shape.fusions else 0
     if full or method == "none":
-        return always + L * B + fuse(shape.fusions)
+        return always + U * B + fuse(shape.fusions)
     if method == "skip-cache":
-        return always + 2 * k * B + fuse(k)                      # units 0..k-1 and L-k..L-1
+        return always + 2 * k * B + fuse(k)                      # units 0..k-1 and U-k..U-1
     if method == "deep-reuse":
-        return always + k * B + fuse(k)                          # units L-k..L-1 only
+        return always + k * B + fuse(k)                          # units U-k..U-1 only
     if method == "delta":
         return always + 2 * k * B + fuse(k)
     if method == "fora":
-        return always + L * block_macs(shape, attn=False, mlp=False) + fuse(shape.fusions)
+        return always + U * block_macs(shape, attn=False, mlp=False) + fuse(shape.fusions)
     raise ValueError(f"unknown method {method!r}; allowed: skip-cache, deep-reuse, delta, fora, none")
 
 
