@@ -1,11 +1,12 @@
 """Surface engine against a naive loop and against the floor, measured in one run.
 
     python benchmarks/bench_surface.py                 # bundled digits DiT and a DiT-S/2-size model
-    python benchmarks/bench_surface.py --points 121 --repeats 3
+    python benchmarks/bench_surface.py --grid 11 --repeats 3
 
 naive: for every grid point, copy the model, add alpha*d1 + beta*d2 to its weights, one forward
        (directions precomputed once, as a careful user would; the copy is part of the loop).
-engine: GridEngine, grid points batched (``--batch-size`` points per forward).
+engine: GridEngine, grid points batched (``--batch-size`` points per forward), in the order a surface
+        evaluates them: a grid of alpha x beta over +-0.1, alpha-major (rows share their alpha).
 floor:  the same number of plain batched forwards of the unperturbed model (no perturbation at all).
 Prints times and the ratios naive/engine (goal >= 10x on the bundled model) and engine/floor
 (goal <= 1.2x). Each repeat times engine, floor and naive back to back, so load drift on a shared
@@ -37,14 +38,15 @@ def _median_time(fn, repeats):
     return statistics.median(times)
 
 
-def bench(name, model, points, batch_size, repeats, naive_points):
+def bench(name, model, side, batch_size, repeats, naive_points):
     c = model.config
     x = torch.randn(1, c.in_channels, c.input_size, c.input_size, generator=torch.Generator().manual_seed(0))
     t, y = torch.tensor([500]), torch.tensor([1])
     spec = DirectionSpec()
     engine = GridEngine(model, Perturbation("weights", spec))
-    alphas = torch.linspace(-0.1, 0.1, points)
-    betas = torch.linspace(0.1, -0.1, points)
+    axis = torch.linspace(-0.1, 0.1, side)
+    alphas, betas = axis.repeat_interleave(side), axis.repeat(side)      # alpha-major, as surface.py
+    points = side * side
 
     def run_engine():
         for i in range(0, points, batch_size):
@@ -83,7 +85,7 @@ def bench(name, model, points, batch_size, repeats, naive_points):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--points", type=int, default=441, help="grid points (default: 441 = 21 x 21)")
+    p.add_argument("--grid", type=int, default=21, help="points per axis (default: 21, a 21 x 21 grid)")
     p.add_argument("--batch-size", type=int, default=64, help="grid points per forward (default: 64)")
     p.add_argument("--repeats", type=int, default=3, help="(default: 3)")
     p.add_argument("--naive-points", type=int, default=20, help="naive loop points timed, scaled up (default: 20)")
@@ -108,7 +110,7 @@ def main():
         arch = "DiT-D/2-skip" if "skip" in args.bundled else "DiT-D/2"
         digits = build(arch, input_size=16, in_channels=1, num_classes=10).eval()
         label = f"{arch} random (16x16x1)"
-    bench(label, digits, args.points, args.batch_size, args.repeats, args.naive_points)
+    bench(label, digits, args.grid, args.batch_size, args.repeats, args.naive_points)
     if not args.skip_s2:
         torch.manual_seed(0)
         s2 = build("DiT-S/2-skip", input_size=32, in_channels=4, num_classes=1000).eval()
@@ -117,8 +119,7 @@ def main():
                 if prm.requires_grad:
                     prm.normal_(0, 0.02)
         # A single S/2 forward already keeps 2 cores busy: fewer points, smaller chunks.
-        bench("DiT-S/2-skip random (32x32x4)", s2, max(args.batch_size // 4, 8) * 2, max(args.batch_size // 4, 8),
-              args.repeats, 4)
+        bench("DiT-S/2-skip random (32x32x4)", s2, 6, max(args.batch_size // 4, 8), args.repeats, 4)
     print(f"load average after: {load()}")
 
 

@@ -31,6 +31,7 @@ from .perturb import DirectionSpec, direction, feature_direction, select_paramet
 MODES = ("weights", "features", "latent")
 LINEARITY_ROWS = 16     # at most this many rows per grid point: perturb by linearity, not weight copies
 CHUNK_BYTES = 1 << 21   # per-point Linear weights are built this many bytes at a time (stays in L3)
+RUN_BUILD = True        # build W + alpha*D1 once per run of equal alpha (grid rows), see _runs
 
 
 @dataclass(frozen=True)
@@ -160,9 +161,21 @@ class GridEngine:
                     biases = [bias.unsqueeze(1)] * chunks                 # (1, 1, out) shared
                 else:
                     biases = bias.unsqueeze(1).split(k)                   # (k, 1, out) per point
-                for xc, oc, ac, bc, bi in zip(xs.split(k), out.split(k), ca.split(k), cb.split(k), biases):
-                    w = torch.addcmul(wt, ac, d1t, out=buf if len(ac) == k else buf[: len(ac)])
-                    w = w.addcmul_(bc, d2t)                                # (k, in, out)
+                runs = _runs(a, k) if RUN_BUILD else None
+                base = xs.new_empty(wt.shape) if runs else None
+                for c_i, (xc, oc, ac, bc, bi) in enumerate(zip(xs.split(k), out.split(k), ca.split(k), cb.split(k),
+                                                                biases)):
+                    w = buf if len(ac) == k else buf[: len(ac)]
+                    if runs:
+                        # Points in a run share alpha (a grid's row, alpha-major): W + alpha D1 is built
+                        # once per run and only + beta D2 per point, one pass over the buffer instead of
+                        # two. The same arithmetic per element, so the result is bit-identical.
+                        for lo, hi in runs[c_i]:
+                            torch.addcmul(wt, ac[lo], d1t, out=base)
+                            torch.addcmul(base, bc[lo:hi], d2t, out=w[lo:hi])
+                    else:
+                        w = torch.addcmul(wt, ac, d1t, out=w)
+                        w = w.addcmul_(bc, d2t)                            # (k, in, out)
                     if bi is None:
                         torch.bmm(xc, w, out=oc)
                     else:
@@ -275,6 +288,22 @@ class GridEngine:
                 if u in model.skip_sources:
                     trunk.skips[u] = trunk.h
         return model.head(trunk)
+
+
+def _runs(a: torch.Tensor, k: int, min_length: int = 2):
+    """Per chunk of ``k`` points, the (start, end) runs of equal alpha, relative to the chunk; None
+    when runs are shorter than ``min_length`` on average (then per-run builds do not pay)."""
+    vals = a.tolist()
+    chunks = []
+    for start in range(0, len(vals), k):
+        part, runs, lo = vals[start:start + k], [], 0
+        for i in range(1, len(part) + 1):
+            if i == len(part) or part[i] != part[lo]:
+                runs.append((lo, i))
+                lo = i
+        chunks.append(runs)
+    total = sum(len(r) for r in chunks)
+    return chunks if len(vals) >= min_length * total else None
 
 
 def _unit_of_site(model, site: str) -> int | None:

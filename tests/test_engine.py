@@ -75,3 +75,23 @@ def test_linear_with_only_its_bias_perturbed(make_model):
 def test_chunk_points_must_be_positive(make_model, bad):
     with pytest.raises(ValueError, match="chunk_points"):
         GridEngine(make_model(), Perturbation("weights", DirectionSpec()), chunk_points=bad)
+
+
+def test_grid_rows_share_their_alpha_build_bit_for_bit(make_model, monkeypatch):
+    """Alpha-major grid points (runs of equal alpha) take the per-run build; it must equal the
+    two-pass build exactly, chunk boundaries falling inside and between runs."""
+    from smoothness import engine as eng
+    model = make_model("DiT-Mini/2-skip", seed=4)
+    spec = DirectionSpec(seed=2, params="all", include_1d=True)
+    a = torch.tensor([-0.2] * 5 + [0.0] * 5 + [0.2] * 5)
+    b = torch.linspace(-0.2, 0.2, 5).repeat(3)
+    assert eng._runs(a, 4) == [[(0, 4)], [(0, 1), (1, 4)], [(0, 2), (2, 4)], [(0, 3)]]
+    assert eng._runs(torch.arange(8.0), 4) is None                       # no shared alphas: two-pass
+    x, t, y = _inputs(2)
+    with torch.no_grad():
+        runs = GridEngine(model, Perturbation("weights", spec), chunk_points=4).forward(x, t, y, (a, b))
+        monkeypatch.setattr(eng, "RUN_BUILD", False)
+        plain = GridEngine(model, Perturbation("weights", spec), chunk_points=4).forward(x, t, y, (a, b))
+        assert torch.equal(runs, plain)
+        want = naive_forward(model, spec, 0.2, 0.1, x, t, y)
+        torch.testing.assert_close(runs[13], want, rtol=1e-4, atol=1e-5)
