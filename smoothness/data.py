@@ -121,14 +121,21 @@ def moving_digits(glyphs: torch.Tensor, start: torch.Tensor, velocity: torch.Ten
     return out
 
 
-def video_batch(n: int, generator: torch.Generator, split: str = "train") -> torch.Tensor:
-    """``n`` moving-digit videos (N, 1, 8, 16, 16) drawn from ``generator`` (digit and path)."""
+def video_batch(n: int, generator: torch.Generator, split: str = "train", with_labels: bool = False):
+    """``n`` moving-digit videos (N, 1, 8, 16, 16) drawn from ``generator`` (digit and path), and
+    their digits' labels (N,) if ``with_labels``."""
     pool = _native(split)
     idx = torch.randint(0, len(pool), (n,), generator=generator)
     start, velocity = random_motion(n, generator)
-    return moving_digits(render(pool[idx]), start, velocity)
+    videos = moving_digits(render(pool[idx]), start, velocity)
+    if not with_labels:
+        return videos
+    _, ytr, _, yte = _split()
+    y = {"train": ytr, "test": yte}.get(split)
+    y = np.concatenate([ytr, yte]) if y is None else y
+    return videos, torch.from_numpy(np.asarray(y))[idx].long()
 
 
-def load_videos(n: int = 256, seed: int = 0, split: str = "test") -> torch.Tensor:
-    """A fixed evaluation set of moving digits, deterministic from ``seed``."""
-    return video_batch(n, torch.Generator().manual_seed(seed), split)
+def load_videos(n: int = 256, seed: int = 0, split: str = "test", with_labels: bool = False):
+    """A fixed evaluation set of moving digits, deterministic from ``seed`` (and labels, as above)."""
+    return video_batch(n, torch.Generator().manual_seed(seed), split, with_labels)

@@ -130,7 +130,9 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
     p.add_argument("--score-samples", type=int, default=0, metavar="N",
                    help="also draw N samples per model (classes balanced) and print the digits classifier's "
-                        "accuracy and the Frechet distance to held-out digits (default: 0, off)")
+                        "accuracy and the Frechet distance to held-out digits; for the moving-digits video "
+                        "models, N videos and the classifier's confidence and label consistency per frame "
+                        "(default: 0, off)")
     p.add_argument("--batch-size", type=int, default=250, help="samples per batch when scoring (default: 250)")
     p.add_argument("--caption-embeds", type=Path, metavar="FILE",
                    help="caption embeddings (L, C) or (N, L, C), .pt or .safetensors, for text-to-video checkpoints")
@@ -147,6 +149,9 @@ def main(argv=None):
     names = (args.model or []) + [str(c) for c in (args.ckpt or [])] or list(bundled.DEFAULT_PAIR)
     models = [(n, bundled.load(n, num_heads=args.num_heads)) for n in names]   # fail before any work
     for n, model in models:
+        if args.score_samples and not _scorable(model):
+            raise ValueError(f"--score-samples needs a bundled-data model (16x16, one channel: class-conditional "
+                             f"digits or unconditional moving digits); {n} is not one")
         if not model.config.num_classes and args.classes is not None:
             raise ValueError(f"--classes {args.classes} given, but {n} is unconditional (no class labels)")
     captions = load_caption_embeds(args.caption_embeds) if args.caption_embeds else None
@@ -189,24 +194,41 @@ def main(argv=None):
             score(label, model, args.score_samples, args.batch_size, model_config, args.seed)
 
 
+def _scorable(model) -> bool:
+    return bundled.is_pixel_digits(model) or (bundled.is_pixel(model) and model.family == "latte"
+                                               and not model.config.num_classes)
+
+
 def score(label, model, n: int, batch_size: int, config: SamplerConfig, seed: int):
-    """Classifier accuracy and Frechet distance of ``n`` class-balanced samples (digits models only)."""
+    """Digits models: classifier accuracy and Frechet distance of ``n`` class-balanced samples.
+    Moving-digits video models: ``metrics.video_digit_scores`` of ``n`` unconditional videos."""
     from . import metrics
-    if not bundled.is_pixel_digits(model):
-        raise ValueError(f"--score-samples needs a 16x16 one-channel digits model; {label} is not one")
+    if not _scorable(model):
+        raise ValueError(f"--score-samples needs a bundled-data model (16x16, one channel: class-conditional "
+                         f"digits or unconditional moving digits); {label} is not one")
     t0 = time.time()
+    video = model.family == "latte"
+    if video:
+        config = SamplerConfig(**{**config.__dict__, "cfg_scale": 1.0})     # unconditional: nothing to guide
     labels = torch.arange(n) % 10
     parts = []
     for i, start in enumerate(range(0, n, batch_size)):
-        y = labels[start:start + batch_size]
+        rows = min(batch_size, n - start)
+        y = None if video else labels[start:start + rows]
         diffusion = Diffusion.for_config(config)
         with torch.inference_mode():
-            parts.append(diffusion.sample(model, (len(y), 1, 16, 16), y, config, seed=seed + 1000 + i))
-    images = torch.cat(parts)
-    acc = float(metrics.classifier_accuracy(images, labels))
-    fd = float(metrics.frechet_distance(images))
-    print(f"{label}: accuracy {acc:.4f} on {n} samples, Frechet distance {fd:.3f} "
-          f"({config.sampler.upper()}-{config.num_steps}, cfg {config.cfg_scale}, seed {seed}, {time.time() - t0:.0f}s)")
+            parts.append(diffusion.sample(model, (rows, *model.sample_shape()), y, config, seed=seed + 1000 + i))
+    samples = torch.cat(parts)
+    how = f"({config.sampler.upper()}-{config.num_steps}, cfg {config.cfg_scale}, seed {seed}, {time.time() - t0:.0f}s)"
+    if video:
+        sc = metrics.video_digit_scores(samples)
+        print(f"{label}: {n} videos, classifier confidence {sc['confidence']:.3f}, frames with confidence >= 0.9 "
+              f"{sc['confident_frames']:.3f}, label consistency {sc['label_consistency']:.3f}, digits covered "
+              f"{sc['digits_covered']:.1f} " + how)
+        return sc
+    acc = float(metrics.classifier_accuracy(samples, labels))
+    fd = float(metrics.frechet_distance(samples))
+    print(f"{label}: accuracy {acc:.4f} on {n} samples, Frechet distance {fd:.3f} " + how)
     return acc, fd
 
 

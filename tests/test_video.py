@@ -197,3 +197,28 @@ def test_sample_cli_writes_strip_and_gif(tmp_path, video_ckpt):
     gif = Image.open(tmp_path / "samples_tiny-latte.gif")
     assert gif.n_frames == 4
     assert (tmp_path / "samples_tiny-latte.png").stat().st_size > 0
+
+
+# ------------------------------------------------------- do samples show digits?
+def test_video_digit_scores_find_the_digits_of_real_videos():
+    from smoothness import metrics
+    videos, labels = data.load_videos(120, seed=3, with_labels=True)
+    sc = metrics.video_digit_scores(videos)
+    assert (sc["labels"] == labels[:, None]).double().mean() > 0.95      # the crop finds the digit
+    assert sc["label_consistency"] > 0.95 and sc["confident_frames"] > 0.9 and sc["digits_covered"] == 1.0
+    # the same frames dealt across videos: each video now shows several digits
+    g = torch.Generator().manual_seed(0)
+    mixed = videos.transpose(1, 2).reshape(-1, 1, 16, 16)[torch.randperm(120 * data.FRAMES, generator=g)]
+    mixed = mixed.reshape(120, data.FRAMES, 1, 16, 16).transpose(1, 2)
+    assert metrics.video_digit_scores(mixed)["label_consistency"] < 0.6
+    noise = metrics.video_digit_scores(torch.rand(60, 1, data.FRAMES, 16, 16, generator=g) * 2 - 1)
+    assert noise["confident_frames"] < 0.5 and noise["label_consistency"] < 0.6
+    with pytest.raises(ValueError, match=r"videos must be \(N, 1, F, 16, 16\)"):
+        metrics.video_digit_scores(torch.zeros(2, 1, 8, 8))
+
+
+def test_sample_cli_refuses_to_score_a_model_of_other_data(tmp_path, video_ckpt):
+    from smoothness.cli import run_cli
+    from smoothness.sample import main
+    assert run_cli(main, ["--ckpt", str(video_ckpt), "--score-samples", "2", "--out", str(tmp_path)]) == 2
+    assert not list(tmp_path.iterdir())
