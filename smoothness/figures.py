@@ -157,6 +157,7 @@ def video_samples(names, res: Resolution, out: Path, log):
     import torch
 
     from .models import bundled
+    from . import data, metrics
     from .sample import generate, strip_figure, write_gif
     config = SamplerConfig(num_steps=250, clip_denoised=True)
     videos, paths = [], []
@@ -166,13 +167,26 @@ def video_samples(names, res: Resolution, out: Path, log):
         paths.append(out / f"{STEMS['h']}_{n}.gif")
         videos.append(v)
     stack = torch.stack(videos)                                                   # (M, S, 1, F, H, W)
+    scores = [metrics.video_digit_scores(v) for v in videos]
+    real = metrics.video_digit_scores(data.load_videos(res.video_samples, seed=0))
+    per_model = lambda key, long_name: (("model",), [sc[key] for sc in scores], {"long_name": long_name, "units": "1",
+                                                                                "real_test_videos": real[key]})
     ds = xr.Dataset({"video": (("model", "sample", "channel", "frame", "y", "x"), stack.numpy(),
-                               {"long_name": "generated video", "units": "pixel value in [-1, 1]"})},
+                               {"long_name": "generated video", "units": "pixel value in [-1, 1]"}),
+                     "digit": (("model", "sample", "frame"), torch.stack([sc["labels"] for sc in scores]).numpy(),
+                               {"long_name": "digits classifier's label of the frame's 12x12 ink box"}),
+                     "confidence": per_model("confidence", "mean top softmax probability per frame"),
+                     "label_consistency": per_model("label_consistency",
+                                                    "share of frames agreeing with their video's majority label")},
                     coords={"model": list(names), "sample": np.arange(stack.shape[1])},
-                    attrs={"sampler": "DDPM-250", "clip_denoised": 1, "seed": 0, "unconditional": 1})
+                    attrs={"sampler": "DDPM-250", "clip_denoised": 1, "seed": 0, "unconditional": 1,
+                           "scores": "smoothness.metrics.video_digit_scores; attribute real_test_videos: the "
+                                     "same score of as many real test videos (data.load_videos seed 0)"})
     both = torch.cat([v for v in videos])
     fig = strip_figure(both, f"{' (top) / '.join(names)} (bottom): DDPM-250, unconditional, seed 0")
-    log(f"h: {len(names)} x {res.video_samples} videos")
+    log(f"h: {len(names)} x {res.video_samples} videos; label consistency "
+        + ", ".join(f"{n} {sc['label_consistency']:.2f}" for n, sc in zip(names, scores))
+        + f" (real videos {real['label_consistency']:.2f})")
     return ds, fig, paths
 
 

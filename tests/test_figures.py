@@ -1,6 +1,7 @@
 """The figures command: its README, its CLI errors, and the teaser plot against the sweep's data."""
 import numpy as np
 import pytest
+import torch
 
 from smoothness import figures
 from smoothness.cli import run_cli
@@ -43,3 +44,18 @@ def test_teaser_draws_the_sweep_cosines(make_model):
     np.testing.assert_allclose(lines[1].get_ydata(), want.values)
     np.testing.assert_allclose(lines[1].get_xdata(), ds.timestep.values)
     assert (want.values < 1).any()
+
+
+def test_video_samples_carry_their_digit_scores(tmp_path, make_model):
+    from dataclasses import replace
+
+    from smoothness import data, metrics
+    model = make_model("Latte-Mini/4", num_frames=data.FRAMES, num_classes=0, input_size=16, in_channels=1)
+    torch.save({"ema": model.state_dict(), "meta": {"num_heads": 2}}, tmp_path / "tiny.pt")
+    res = replace(figures.RESOLUTIONS["default"], video_samples=2)
+    ds, fig, gifs = figures.video_samples([str(tmp_path / "tiny.pt")], res, tmp_path, log=lambda *_: None)
+    assert ds.video.shape == (1, 2, 1, data.FRAMES, 16, 16) and all(p.exists() for p in gifs)
+    want = metrics.video_digit_scores(torch.from_numpy(ds.video.values[0]))
+    assert float(ds.label_consistency[0]) == want["label_consistency"]
+    assert (ds.digit.values[0] == want["labels"].numpy()).all()
+    assert ds.confidence.attrs["real_test_videos"] > 0.9
