@@ -39,10 +39,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 0             # torch threads; 0 keeps torch's default
-    data: str = "digits"         # digits (class-conditional images) | moving-digits (unconditional videos)
+    data: str = "digits"         # digits (class-conditional images) | moving-digits[-all] (unconditional videos)
 
 
-DATASETS = ("digits", "moving-digits")
+DATASETS = ("digits", "moving-digits", "moving-digits-all")
 
 
 def _state(model, ema, opt, step, gen, losses):
@@ -55,7 +55,8 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, save_every: int = 2
         torch.set_num_threads(cfg.threads)
     if cfg.data not in DATASETS:
         raise ValueError(f"unknown data {cfg.data!r}; allowed: {', '.join(DATASETS)}")
-    video = cfg.data == "moving-digits"
+    video = cfg.data.startswith("moving-digits")
+    glyphs = "all" if cfg.data == "moving-digits-all" else "medoids"
     if video != cfg.model.startswith("Latte-"):
         raise ValueError(f"--data {cfg.data} needs a {'Latte' if video else 'DiT'} model, got {cfg.model!r}")
     torch.manual_seed(cfg.seed)                       # init of the model weights
@@ -85,7 +86,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, save_every: int = 2
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         if video:
-            x0, y = data.video_batch(cfg.batch_size, gen, "train"), None            # (B, 1, F, 16, 16)
+            x0, y = data.video_batch(cfg.batch_size, gen, "train", glyphs=glyphs), None   # (B, 1, F, 16, 16)
         else:
             idx = torch.randint(0, len(train_set.labels), (cfg.batch_size,), generator=gen)
             x0, y = train_set.images[idx], train_set.labels[idx]
@@ -113,8 +114,9 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, save_every: int = 2
                 torch.save(_state(model, ema, opt, step, gen, losses), tmp)
     meta = {"train_config": json.dumps(asdict(cfg)), "losses": torch.tensor(losses, dtype=torch.float32),
             "num_heads": model.config.num_heads,
-            "data": ("moving digits: sklearn 8x8 digits drawn bilinearly at 12x12 on a blank 16x16 "
-                     "canvas, 8 frames, 1 px/frame paths bouncing off the edges, [-1, 1], train split") if video else
+            "data": (f"moving digits ({'any digit' if glyphs == 'all' else 'the ten class medoids'} of the "
+                     "train split): sklearn 8x8 digits drawn bilinearly at 12x12 on a blank 16x16 canvas, "
+                     "8 frames, 1 px/frame paths bouncing off the edges, [-1, 1]") if video else
                     "sklearn digits 8x8 -> 16x16 bilinear, [-1, 1], train split"}
     sd = {k: v.half() if v.is_floating_point() else v for k, v in ema.state_dict().items()}
     with atomic_path(out) as tmp:
@@ -157,8 +159,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     p.add_argument("--data", default=d.data, choices=DATASETS,
-                   help=f"digits (DiT, class-conditional) or moving-digits (Latte, unconditional video) "
-                        f"(default: {d.data})")
+                   help=f"digits (DiT, class-conditional), moving-digits (Latte, unconditional video of the "
+                        f"ten class medoids) or moving-digits-all (any handwritten digit) (default: {d.data})")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads, 0 = default (default: 0)")
     p.add_argument("--out", type=Path, help="checkpoint path (.pt)")
     p.add_argument("--plot-losses", type=Path, metavar="PNG",

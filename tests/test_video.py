@@ -65,6 +65,25 @@ def test_random_motion_stays_on_canvas_moves_and_is_seeded():
     assert torch.equal(data.load_videos(3, seed=2), data.load_videos(3, seed=2))
 
 
+def test_medoids_are_the_digits_nearest_their_class_means():
+    xtr, ytr, _, _ = data._split()
+    glyphs, labels = data._medoids("train")
+    assert labels.tolist() == list(range(10))
+    for c in range(10):
+        members = xtr[ytr == c]
+        dist = [float(((m - members.mean(0)) ** 2).sum()) for m in members]      # naive loop
+        assert np.array_equal(glyphs[c], members[int(np.argmin(dist))])
+    videos, y = data.video_batch(64, torch.Generator().manual_seed(1), with_labels=True)
+    ink = data.render(torch.from_numpy(glyphs))
+    d = data.DIGIT
+    for v, label in zip(videos, y):                      # every frame shows its class medoid somewhere
+        for frame in v[0]:
+            assert any(torch.equal(frame[r:r + d, c:c + d], ink[label])
+                       for r in range(data.ROOM + 1) for c in range(data.ROOM + 1))
+    with pytest.raises(ValueError, match="unknown glyphs 'some'; allowed: medoids, all"):
+        data.video_batch(1, torch.Generator(), glyphs="some")
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: data.bounce(torch.tensor([[5, 0]]), torch.tensor([[1, 1]])), "start corners must lie in 0..4"),
     (lambda: data.moving_digits(torch.zeros(1, 16, 16), torch.tensor([[0, 0]]), torch.tensor([[1, 1]])),
