@@ -40,17 +40,21 @@ def _split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x[order[:cut]], d.target[order[:cut]], x[order[cut:]], d.target[order[cut:]]
 
 
-def load(split: str = "train") -> Digits:
-    """``"train"`` (80 %), ``"test"`` (the held-out 20 %) or ``"all"``."""
+def _arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Native 8x8 digits (N, 8, 8) in [-1, 1] and their labels (N,) of ``split``."""
     xtr, ytr, xte, yte = _split()
     if split == "train":
-        x, y = xtr, ytr
-    elif split == "test":
-        x, y = xte, yte
-    elif split == "all":
-        x, y = np.concatenate([xtr, xte]), np.concatenate([ytr, yte])
-    else:
-        raise ValueError(f"unknown split {split!r}; allowed: train, test, all")
+        return xtr, ytr
+    if split == "test":
+        return xte, yte
+    if split == "all":
+        return np.concatenate([xtr, xte]), np.concatenate([ytr, yte])
+    raise ValueError(f"unknown split {split!r}; allowed: train, test, all")
+
+
+def load(split: str = "train") -> Digits:
+    """``"train"`` (80 %), ``"test"`` (the held-out 20 %) or ``"all"``."""
+    x, y = _arrays(split)
     images = upsample(torch.from_numpy(x).unsqueeze(1))
     return Digits(images.clamp(-1, 1), torch.from_numpy(np.asarray(y)).long())
 
@@ -72,13 +76,7 @@ def render(digits8: torch.Tensor) -> torch.Tensor:
 
 
 def _native(split: str) -> torch.Tensor:
-    xtr, _, xte, _ = _split()
-    x = {"train": xtr, "test": xte, "all": None}.get(split, "bad")
-    if isinstance(x, str):
-        raise ValueError(f"unknown split {split!r}; allowed: train, test, all")
-    if x is None:
-        x = np.concatenate([xtr, xte])
-    return torch.from_numpy(x)                                        # (N, 8, 8) in [-1, 1]
+    return torch.from_numpy(_arrays(split)[0])                        # (N, 8, 8) in [-1, 1]
 
 
 def random_motion(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,10 +125,7 @@ GLYPHS = ("medoids", "all")   # which digits move: each class's medoid (10 glyph
 @lru_cache(maxsize=None)
 def _medoids(split: str) -> tuple[np.ndarray, np.ndarray]:
     """Per class, the digit of ``split`` nearest (L2) to its class mean: (10, 8, 8) and labels 0..9."""
-    _native(split)                                                     # validates the split name
-    xtr, ytr, xte, yte = _split()
-    x, y = {"train": (xtr, ytr), "test": (xte, yte)}.get(split, (np.concatenate([xtr, xte]),
-                                                                  np.concatenate([ytr, yte])))
+    x, y = _arrays(split)
     out = []
     for c in range(10):
         xs = x[y == c]
@@ -143,15 +138,9 @@ def video_batch(n: int, generator: torch.Generator, split: str = "train", with_l
     """``n`` moving-digit videos (N, 1, 8, 16, 16) drawn from ``generator`` (digit and path), and
     their digits' labels (N,) if ``with_labels``. ``glyphs``: ``"medoids"`` (the bundled video data:
     each video shows one of the ten class medoids of ``split``) or ``"all"`` (any digit of ``split``)."""
-    if glyphs == "medoids":
-        pool, labels = (torch.from_numpy(a) for a in _medoids(split))
-    elif glyphs == "all":
-        pool = _native(split)
-        _, ytr, _, yte = _split()
-        y = {"train": ytr, "test": yte}.get(split)
-        labels = torch.from_numpy(np.asarray(np.concatenate([ytr, yte]) if y is None else y))
-    else:
+    if glyphs not in GLYPHS:
         raise ValueError(f"unknown glyphs {glyphs!r}; allowed: {', '.join(GLYPHS)}")
+    pool, labels = (torch.from_numpy(np.asarray(a)) for a in (_medoids if glyphs == "medoids" else _arrays)(split))
     idx = torch.randint(0, len(pool), (n,), generator=generator)
     start, velocity = random_motion(n, generator)
     videos = moving_digits(render(pool[idx]), start, velocity)
