@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
+from . import chain
 from .cli import run_cli
 from .diffusion import Diffusion, SamplerConfig
 from .io_utils import atomic_path, check_writable
 from .models import bundled
-from .models.latte_t2v import LatteT2V, load_caption_embeds
+from .models.latte_t2v import load_caption_embeds
 
 
 def generate(model, classes: list[int], per_class: int, config: SamplerConfig, seed: int) -> torch.Tensor:
@@ -149,9 +150,8 @@ def main(argv=None):
     names = (args.model or []) + [str(c) for c in (args.ckpt or [])] or list(bundled.DEFAULT_PAIR)
     models = [(n, bundled.load(n, num_heads=args.num_heads)) for n in names]   # fail before any work
     for n, model in models:
-        if args.score_samples and not _scorable(model):
-            raise ValueError(f"--score-samples needs a bundled-data model (16x16, one channel: class-conditional "
-                             f"digits or unconditional moving digits); {n} is not one")
+        if args.score_samples:
+            _check_scorable(model, n)
         if not model.config.num_classes and args.classes is not None:
             raise ValueError(f"--classes {args.classes} given, but {n} is unconditional (no class labels)")
     captions = load_caption_embeds(args.caption_embeds) if args.caption_embeds else None
@@ -159,7 +159,7 @@ def main(argv=None):
     if negative is not None and captions is None:
         raise ValueError("--negative-embeds needs --caption-embeds")
     for name, model in models:
-        if isinstance(model, LatteT2V) != (captions is not None):
+        if chain.is_text(model) != (captions is not None):
             raise ValueError(f"{name} is a text-to-video model: pass --caption-embeds" if captions is None else
                              f"--caption-embeds is for text-to-video checkpoints; {name} is not one")
         if captions is not None:
@@ -194,18 +194,18 @@ def main(argv=None):
             score(label, model, args.score_samples, args.batch_size, model_config, args.seed)
 
 
-def _scorable(model) -> bool:
-    return bundled.is_pixel_digits(model) or (bundled.is_pixel(model) and model.family == "latte"
-                                               and not model.config.num_classes)
+def _check_scorable(model, label: str):
+    if not (bundled.is_pixel_digits(model) or (bundled.is_pixel(model) and model.family == "latte"
+                                               and not model.config.num_classes)):
+        raise ValueError(f"--score-samples needs a bundled-data model (16x16, one channel: class-conditional "
+                         f"digits or unconditional moving digits); {label} is not one")
 
 
 def score(label, model, n: int, batch_size: int, config: SamplerConfig, seed: int):
     """Digits models: classifier accuracy and Frechet distance of ``n`` class-balanced samples.
     Moving-digits video models: ``metrics.video_digit_scores`` of ``n`` unconditional videos."""
     from . import metrics
-    if not _scorable(model):
-        raise ValueError(f"--score-samples needs a bundled-data model (16x16, one channel: class-conditional "
-                         f"digits or unconditional moving digits); {label} is not one")
+    _check_scorable(model, label)
     t0 = time.time()
     video = model.family == "latte"
     if video:
