@@ -98,8 +98,9 @@ class GridEngine:
                                  "forward_grouped")
 
     # -------------------------------------------------------------- weights
-    def _grouped(self, module: nn.Module, mname: str, coef):
-        """A forward for ``module`` that uses per-group perturbed parameters."""
+    def _grouped(self, module: nn.Module, mname: str, coef, runs_by_chunk: dict):
+        """A forward for ``module`` that uses per-group perturbed parameters. ``runs_by_chunk`` is
+        shared by the modules of one forward: chunk size -> ``_runs`` of the alphas, found once."""
         a, b = coef                                                    # (G,) each
         names = {n: f"{mname}.{n}" for n, _ in module.named_parameters(recurse=False)}
 
@@ -161,7 +162,9 @@ class GridEngine:
                     biases = [bias.unsqueeze(1)] * chunks                 # (1, 1, out) shared
                 else:
                     biases = bias.unsqueeze(1).split(k)                   # (k, 1, out) per point
-                runs = _runs(a, k) if RUN_BUILD else None
+                if k not in runs_by_chunk:
+                    runs_by_chunk[k] = _runs(a, k) if RUN_BUILD else None
+                runs = runs_by_chunk[k]
                 base = xs.new_empty(wt.shape) if runs else None
                 for c_i, (xc, oc, ac, bc, bi) in enumerate(zip(xs.split(k), out.split(k), ca.split(k), cb.split(k),
                                                                 biases)):
@@ -210,7 +213,9 @@ class GridEngine:
     @contextlib.contextmanager
     def _weights(self, coef):
         chosen = {n.rsplit(".", 1)[0] for n in self.param_names}
-        overrides = {m: self._grouped(m, name, coef) for name, m in self.model.named_modules() if name in chosen}
+        runs_by_chunk = {}
+        overrides = {m: self._grouped(m, name, coef, runs_by_chunk) for name, m in self.model.named_modules()
+                     if name in chosen}
         with hooks.override(overrides):
             yield
 
