@@ -156,8 +156,8 @@ def spectral(models, res: Resolution, log):
 def video_samples(names, res: Resolution, out: Path, log):
     import torch
 
-    from .models import bundled
     from . import data, metrics
+    from .models import bundled
     from .sample import generate, strip_figure, write_gif
     config = SamplerConfig(num_steps=250, clip_denoised=True)
     videos, paths = [], []
