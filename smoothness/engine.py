@@ -98,9 +98,9 @@ class GridEngine:
                                  "forward_grouped")
 
     # -------------------------------------------------------------- weights
-    def _grouped(self, module: nn.Module, mname: str, coef, runs_by_chunk: dict):
-        """A forward for ``module`` that uses per-group perturbed parameters. ``runs_by_chunk`` is
-        shared by the modules of one forward: chunk size -> ``_runs`` of the alphas, found once."""
+    def _grouped(self, module: nn.Module, mname: str, coef, plans: "_Plans"):
+        """A forward for ``module`` that uses per-group perturbed parameters. ``plans`` is shared by
+        the modules of one forward, so its chunking and coefficients are worked out once."""
         a, b = coef                                                    # (G,) each
         names = {n: f"{mname}.{n}" for n, _ in module.named_parameters(recurse=False)}
 
@@ -129,20 +129,15 @@ class GridEngine:
                                          ).reshape(*x.shape[:-1], module.out_features)
                 return fwd
 
-            co = {}                                                    # dtype -> ((G,1,1) alphas, betas)
-
             def fwd(x):
                 xs = x.reshape(g, -1, x.shape[-1])                     # (G, R*T, in)
                 bias = value("bias")                                   # (G or 1, out) or None
-                wt = module.weight.t()                                 # (in, out), a view
                 d1t, d2t = self._pair_t(wname, module.weight)          # (in, out) contiguous
-                if x.dtype not in co:
-                    co[x.dtype] = tuple(c.to(x.dtype).view(-1, 1, 1) for c in (a, b))
-                ca, cb = co[x.dtype]
                 if xs.shape[1] <= LINEARITY_ROWS:
                     # Few rows per point (adaLN sees one per sample): use linearity instead of
                     # building G weight copies: x W' = x W + alpha (x D1) + beta (x D2).
-                    out = torch.matmul(xs, wt)
+                    ca, cb = plans.coefficients(x.dtype)
+                    out = torch.matmul(xs, module.weight.t())
                     out = out.addcmul_(ca, torch.matmul(xs, d1t)).addcmul_(cb, torch.matmul(xs, d2t))
                     if bias is not None:
                         out = out + bias.unsqueeze(1)
@@ -151,38 +146,34 @@ class GridEngine:
                 # at a time into one reused buffer that stays in cache and is consumed at once by a
                 # batched GEMM. Building all G copies first streams them through memory (slower),
                 # and the buffer bounds memory at k copies of the layer.
-                wt = wt.contiguous()
+                wt = self._cached(wname + ".W.T", lambda: (module.weight.t().contiguous(),))[0]   # (in, out)
                 k = min(g, self.chunk_points or max(1, CHUNK_BYTES // (wt.numel() * wt.element_size())))
+                chunks, runs = plans.chunks(k, x.dtype)
                 out = xs.new_empty(g, xs.shape[1], module.out_features)   # (G, R*T, out)
                 buf = xs.new_empty(k, *wt.shape)                          # (k, in, out)
-                chunks = -(-g // k)
-                if bias is None:
-                    biases = [None] * chunks
-                elif len(bias) == 1:
-                    biases = [bias.unsqueeze(1)] * chunks                 # (1, 1, out) shared
-                else:
-                    biases = bias.unsqueeze(1).split(k)                   # (k, 1, out) per point
-                if k not in runs_by_chunk:
-                    runs_by_chunk[k] = _runs(a, k) if RUN_BUILD else None
-                runs = runs_by_chunk[k]
                 base = xs.new_empty(wt.shape) if runs else None
-                for c_i, (xc, oc, ac, bc, bi) in enumerate(zip(xs.split(k), out.split(k), ca.split(k), cb.split(k),
-                                                                biases)):
-                    w = buf if len(ac) == k else buf[: len(ac)]
+                if bias is not None:
+                    bias = bias.unsqueeze(1)                              # (G or 1, 1, out)
+                built = None                                              # the run whose base is built
+                for lo, hi, alphas, betas, chunk_runs in chunks:
+                    w = buf if hi - lo == k else buf[: hi - lo]
                     if runs:
                         # Points in a run share alpha (a grid's row, alpha-major): W + alpha D1 is built
-                        # once per run and only + beta D2 per point, one pass over the buffer instead of
-                        # two. The same arithmetic per element, so the result is bit-identical.
-                        for lo, hi in runs[c_i]:
-                            torch.addcmul(wt, ac[lo], d1t, out=base)
-                            torch.addcmul(base, bc[lo:hi], d2t, out=w[lo:hi])
+                        # once per run, across chunk boundaries, and only + beta D2 per point: one pass
+                        # over the buffer instead of two. The same arithmetic per element, so the
+                        # result is bit-identical.
+                        for r_lo, r_hi, run, alpha, run_betas in chunk_runs:
+                            if run != built:
+                                torch.addcmul(wt, alpha, d1t, out=base)
+                                built = run
+                            torch.addcmul(base, run_betas, d2t, out=w if r_hi - r_lo == hi - lo else w[r_lo:r_hi])
                     else:
-                        w = torch.addcmul(wt, ac, d1t, out=w)
-                        w = w.addcmul_(bc, d2t)                            # (k, in, out)
-                    if bi is None:
-                        torch.bmm(xc, w, out=oc)
+                        torch.addcmul(wt, alphas, d1t, out=w)
+                        w.addcmul_(betas, d2t)                            # (k, in, out)
+                    if bias is None:
+                        torch.bmm(xs[lo:hi], w, out=out[lo:hi])
                     else:
-                        torch.baddbmm(bi, xc, w, out=oc)                  # (k, R*T, out)
+                        torch.baddbmm(bias if len(bias) == 1 else bias[lo:hi], xs[lo:hi], w, out=out[lo:hi])
                 return out.reshape(*x.shape[:-1], module.out_features)
         elif isinstance(module, nn.Conv2d):
             def fwd(x):
@@ -213,8 +204,8 @@ class GridEngine:
     @contextlib.contextmanager
     def _weights(self, coef):
         chosen = {n.rsplit(".", 1)[0] for n in self.param_names}
-        runs_by_chunk = {}
-        overrides = {m: self._grouped(m, name, coef, runs_by_chunk) for name, m in self.model.named_modules()
+        plans = _Plans(*coef)
+        overrides = {m: self._grouped(m, name, coef, plans) for name, m in self.model.named_modules()
                      if name in chosen}
         with hooks.override(overrides):
             yield
@@ -295,20 +286,51 @@ class GridEngine:
         return model.head(trunk)
 
 
+class _Plans:
+    """The per-forward bookkeeping every perturbed Linear of one forward shares: the coefficients as
+    (G, 1, 1) columns per dtype, and per (chunk size, dtype) the chunks and their alpha runs."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor):
+        self.a, self.b = a, b
+        self._coef, self._chunks = {}, {}
+
+    def coefficients(self, dtype):
+        if dtype not in self._coef:
+            self._coef[dtype] = tuple(c.to(dtype).view(-1, 1, 1) for c in (self.a, self.b))
+        return self._coef[dtype]
+
+    def chunks(self, k: int, dtype):
+        """([(lo, hi, alphas, betas, runs)] per chunk of k points, whether runs are used); a run is
+        (start, end, run number, alpha (1, 1), betas (n, 1, 1)), start and end relative to the chunk."""
+        if (k, dtype) not in self._chunks:
+            ca, cb = self.coefficients(dtype)
+            runs = _runs(self.a, k) if RUN_BUILD else None
+            chunks = []
+            for c_i, lo in enumerate(range(0, len(ca), k)):
+                hi = min(lo + k, len(ca))
+                chunk_runs = None if runs is None else [
+                    (r_lo, r_hi, run, ca[lo + r_lo, 0], cb[lo + r_lo:lo + r_hi]) for r_lo, r_hi, run in runs[c_i]]
+                chunks.append((lo, hi, ca[lo:hi], cb[lo:hi], chunk_runs))
+            self._chunks[k, dtype] = (chunks, runs is not None)
+        return self._chunks[k, dtype]
+
+
 def _runs(a: torch.Tensor, k: int, min_length: int = 2):
-    """Per chunk of ``k`` points, the (start, end) runs of equal alpha, relative to the chunk; None
-    when runs are shorter than ``min_length`` on average (then per-run builds do not pay)."""
+    """Per chunk of ``k`` points, the runs of equal alpha as (start, end, run), start and end relative
+    to the chunk and ``run`` numbering the runs of the whole batch (a run split by a chunk boundary
+    keeps its number, so its W + alpha D1 is built once). None when runs are shorter than
+    ``min_length`` points on average (then per-run builds do not pay)."""
     vals = a.tolist()
+    starts = [i for i in range(len(vals)) if i == 0 or vals[i] != vals[i - 1]]
+    run_of = [0] * len(vals)
+    for n, (lo, hi) in enumerate(zip(starts, starts[1:] + [len(vals)])):
+        run_of[lo:hi] = [n] * (hi - lo)
     chunks = []
     for start in range(0, len(vals), k):
-        part, runs, lo = vals[start:start + k], [], 0
-        for i in range(1, len(part) + 1):
-            if i == len(part) or part[i] != part[lo]:
-                runs.append((lo, i))
-                lo = i
-        chunks.append(runs)
-    total = sum(len(r) for r in chunks)
-    return chunks if len(vals) >= min_length * total else None
+        ids = run_of[start:start + k]
+        cuts = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]] + [len(ids)]
+        chunks.append([(lo, hi, ids[lo]) for lo, hi in zip(cuts, cuts[1:])])
+    return chunks if len(vals) >= min_length * len(starts) else None
 
 
 def _unit_of_site(model, site: str) -> int | None:

@@ -85,7 +85,8 @@ def test_grid_rows_share_their_alpha_build_bit_for_bit(make_model, monkeypatch):
     spec = DirectionSpec(seed=2, params="all", include_1d=True)
     a = torch.tensor([-0.2] * 5 + [0.0] * 5 + [0.2] * 5)
     b = torch.linspace(-0.2, 0.2, 5).repeat(3)
-    assert eng._runs(a, 4) == [[(0, 4)], [(0, 1), (1, 4)], [(0, 2), (2, 4)], [(0, 3)]]
+    assert eng._runs(a, 4) == [[(0, 4, 0)], [(0, 1, 0), (1, 4, 1)], [(0, 2, 1), (2, 4, 2)], [(0, 3, 2)]]
+    assert eng._runs(a, 1)[4:6] == [[(0, 1, 0)], [(0, 1, 1)]]           # one point per chunk: runs span chunks
     assert eng._runs(torch.arange(8.0), 4) is None                       # no shared alphas: two-pass
     x, t, y = _inputs(2)
     with torch.no_grad():
@@ -93,5 +94,9 @@ def test_grid_rows_share_their_alpha_build_bit_for_bit(make_model, monkeypatch):
         monkeypatch.setattr(eng, "RUN_BUILD", False)
         plain = GridEngine(model, Perturbation("weights", spec), chunk_points=4).forward(x, t, y, (a, b))
         assert torch.equal(runs, plain)
+        single_plain = GridEngine(model, Perturbation("weights", spec), chunk_points=1).forward(x, t, y, (a, b))
+        monkeypatch.setattr(eng, "RUN_BUILD", True)
+        single = GridEngine(model, Perturbation("weights", spec), chunk_points=1).forward(x, t, y, (a, b))
+        assert torch.equal(single, single_plain)
         want = naive_forward(model, spec, 0.2, 0.1, x, t, y)
         torch.testing.assert_close(runs[13], want, rtol=1e-4, atol=1e-5)
