@@ -146,7 +146,7 @@ class GridEngine:
                 # at a time into one reused buffer that stays in cache and is consumed at once by a
                 # batched GEMM. Building all G copies first streams them through memory (slower),
                 # and the buffer bounds memory at k copies of the layer.
-                wt = self._cached(wname + ".W.T", lambda: (module.weight.t().contiguous(),))[0]   # (in, out)
+                wt = module.weight.t().contiguous()                       # (in, out); not cached: +1x model memory
                 k = min(g, self.chunk_points or max(1, CHUNK_BYTES // (wt.numel() * wt.element_size())))
                 chunks, runs = plans.chunks(k, x.dtype)
                 out = xs.new_empty(g, xs.shape[1], module.out_features)   # (G, R*T, out)
