@@ -1,16 +1,19 @@
 """Surface engine against a naive loop and against the floor, measured in one run.
 
     python benchmarks/bench_surface.py                 # bundled digits DiT and a DiT-S/2-size model
-    python benchmarks/bench_surface.py --grid 11 --repeats 3
+    python benchmarks/bench_surface.py --grid 11 --repeats 3 --rows 1 2
 
 naive: for every grid point, copy the model, add alpha*d1 + beta*d2 to its weights, one forward
        (directions precomputed once, as a careful user would; the copy is part of the loop).
 engine: GridEngine, grid points batched (``--batch-size`` points per forward), in the order a surface
-        evaluates them: a grid of alpha x beta over +-0.1, alpha-major (rows share their alpha).
+        evaluates them: a grid of alpha x beta over +-0.1, alpha-major (rows share their alpha). Each
+        point carries ``--rows`` inputs: a local-mode surface stacks every requested step and seed.
 floor:  the same number of plain batched forwards of the unperturbed model (no perturbation at all).
 Prints times and the ratios naive/engine (goal >= 10x on the bundled model) and engine/floor
 (goal <= 1.2x). Each repeat times engine, floor and naive back to back, so load drift on a shared
-machine hits all three alike; ratios are medians of the per-repeat ratios. The load average is
+machine hits all three alike; ratios are medians of the per-repeat ratios, printed with their range
+(the spread is the machine's noise: on a shared VM the engine, being more memory-bound than the floor,
+swings more with its neighbours' memory traffic). The load average is
 printed before and after: figures taken with other jobs on the cores are not the quiet-machine ones.
 """
 from __future__ import annotations
@@ -38,10 +41,11 @@ def _median_time(fn, repeats):
     return statistics.median(times)
 
 
-def bench(name, model, side, batch_size, repeats, naive_points):
+def bench(name, model, side, batch_size, repeats, naive_points, rows=1):
     c = model.config
-    x = torch.randn(1, c.in_channels, c.input_size, c.input_size, generator=torch.Generator().manual_seed(0))
-    t, y = torch.tensor([500]), torch.tensor([1])
+    x = torch.randn(rows, c.in_channels, c.input_size, c.input_size, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500]) if rows == 1 else torch.linspace(960, 0, rows).long()    # one x_t per step
+    y = torch.ones(rows, dtype=torch.long)
     spec = DirectionSpec()
     engine = GridEngine(model, Perturbation("weights", spec))
     axis = torch.linspace(-0.1, 0.1, side)
@@ -76,10 +80,13 @@ def bench(name, model, side, batch_size, repeats, naive_points):
                 for _ in range(repeats)]
     del params
     te, tf, tn = (statistics.median(r[i] for r in runs) for i in range(3))
-    speedup = statistics.median(n / e for e, f, n in runs)
-    ratio = statistics.median(e / f for e, f, n in runs)
-    print(f"{name:<36} {points:>4} pts  naive {tn:7.2f}s  engine {te:6.2f}s  floor {tf:6.2f}s  "
-          f"naive/engine {speedup:5.1f}x  engine/floor {ratio:4.2f}x (medians of {repeats} interleaved repeats)")
+    speedups, ratios = [n / e for e, f, n in runs], [e / f for e, f, n in runs]
+    speedup, ratio = statistics.median(speedups), statistics.median(ratios)
+    name = f"{name}, {rows} row{'s' if rows > 1 else ''}/pt"
+    print(f"{name:<46} {points:>4} pts  naive {tn:7.2f}s  engine {te:6.2f}s  floor {tf:6.2f}s  "
+          f"naive/engine {speedup:5.1f}x ({min(speedups):.1f}-{max(speedups):.1f})  "
+          f"engine/floor {ratio:4.2f}x ({min(ratios):.2f}-{max(ratios):.2f})  "
+          f"(medians and ranges of {repeats} interleaved repeats)")
     return speedup, ratio
 
 
@@ -87,8 +94,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", type=int, default=21, help="points per axis (default: 21, a 21 x 21 grid)")
     p.add_argument("--batch-size", type=int, default=64, help="grid points per forward (default: 64)")
-    p.add_argument("--repeats", type=int, default=3, help="(default: 3)")
+    p.add_argument("--repeats", type=int, default=7, help="(default: 7)")
     p.add_argument("--naive-points", type=int, default=20, help="naive loop points timed, scaled up (default: 20)")
+    p.add_argument("--rows", type=int, nargs="+", default=[1],
+                   help="x_t rows each grid point carries on the bundled model, one run per value: 1 is one "
+                        "step of one seed (README's --step 250), 2 the default surface's steps 10 and 250, "
+                        "which a local surface evaluates together (default: 1)")
     p.add_argument("--skip-s2", action="store_true", help="only the bundled model")
     p.add_argument("--bundled", default="digits-skip-dit", choices=["digits-skip-dit", "digits-dit"],
                    help="bundled model to measure (default: digits-skip-dit)")
@@ -98,6 +109,8 @@ def main():
         if args.threads < 1:
             p.error(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if min(args.rows) < 1:
+        p.error(f"--rows must be at least 1, got {min(args.rows)}")
     load = lambda: " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {load()}")
@@ -110,7 +123,8 @@ def main():
         arch = "DiT-D/2-skip" if "skip" in args.bundled else "DiT-D/2"
         digits = build(arch, input_size=16, in_channels=1, num_classes=10).eval()
         label = f"{arch} random (16x16x1)"
-    bench(label, digits, args.grid, args.batch_size, args.repeats, args.naive_points)
+    for rows in args.rows:
+        bench(label, digits, args.grid, args.batch_size, args.repeats, args.naive_points, rows)
     if not args.skip_s2:
         torch.manual_seed(0)
         s2 = build("DiT-S/2-skip", input_size=32, in_channels=4, num_classes=1000).eval()

@@ -111,13 +111,13 @@ class _Collector:
     tiles the batch (the unperturbed prefix of a feature perturbation) and are broadcast."""
 
     def __init__(self, readouts, steps, groups, rows, cond_rows, shared=frozenset()):
-        self.readouts, self.steps = readouts, set(steps)
+        self.readouts, self.steps = readouts, None if steps is None else set(steps)   # None: every call
         self.groups, self.rows, self.cond_rows = groups, rows, cond_rows
         self.shared = shared
         self.data: dict[tuple[str, int], torch.Tensor] = {}
 
     def hook(self, h, ctx: hooks.HookContext):
-        if ctx.step in self.steps:
+        if self.steps is None or ctx.step in self.steps:
             g = 1 if ctx.site in self.shared else self.groups
             h = h.reshape(g, self.rows, -1, *h.shape[1:])                # (G, R, rows per sample, ...)
             h = h.flatten(2, 3) if h.dim() > 3 else h.flatten(2)
@@ -148,18 +148,23 @@ def _sites(readouts):
     return [r for r in readouts if r != "output"]
 
 
-def _local(entry: ModelEntry, cfg: SurfaceConfig, diffusion: Diffusion, step: int, x_t, y, coef, engine):
-    """Evaluate chunk ``coef`` at one step on the chain's x_t; returns {(readout, step): (G, R, ...)}."""
-    g = len(coef[0])
-    t = torch.full((x_t.shape[0],), diffusion.timestep_of(step), dtype=torch.long, device=x_t.device)
-    doubled = cfg.sampler.cfg_scale != 1.0
-    rows = x_t.shape[0] * (2 if doubled else 1)
-    col = _Collector(_sites(cfg.readouts), [step], g, rows, x_t.shape[0],
+def _local(entry: ModelEntry, cfg: SurfaceConfig, diffusion: Diffusion, inputs, y1, coef, engine):
+    """Evaluate chunk ``coef`` on the chain's x_t at every requested step in one batched forward:
+    each grid point carries the x_t of all steps and seeds as its rows (step-major), so its
+    perturbed weights are built once for all of them. Returns {(readout, step): (G, N, ...)} for
+    N seeds."""
+    g, n, steps = len(coef[0]), len(inputs), sorted(cfg.steps)
+    x = torch.cat([inp[step] for step in steps for inp in inputs])              # (S*N, C, ...)
+    t = torch.cat([torch.full((n,), diffusion.timestep_of(step), dtype=torch.long, device=x.device)
+                   for step in steps])
+    rows = x.shape[0] * (2 if cfg.sampler.cfg_scale != 1.0 else 1)
+    col = _Collector(_sites(cfg.readouts), None, g, rows, x.shape[0],
                      _shared_sites(entry.model, cfg.perturbation, _sites(cfg.readouts)))
-    with hooks.step_scope(step, int(t[0])), hooks.inject(entry.model, {s: col.hook for s in _sites(cfg.readouts)}):
-        out = engine.forward(x_t, t, y, coef, cfg.sampler.cfg_scale, cfg.sampler.cfg_channels)
-    col.data[("output", step)] = out[:, :, : x_t.shape[1]].float().cpu()     # eps channels
-    return col.data
+    with hooks.inject(entry.model, {s: col.hook for s in _sites(cfg.readouts)}):
+        out = engine.forward(x, t, chain.tile(y1, len(steps) * n), coef, cfg.sampler.cfg_scale,
+                             cfg.sampler.cfg_channels)
+    col.data[("output", None)] = out[:, :, : x.shape[1]].float().cpu()       # eps channels
+    return {(r, step): v[:, i * n:(i + 1) * n] for (r, _), v in col.data.items() for i, step in enumerate(steps)}
 
 
 class _GroupedModel(torch.nn.Module):
@@ -237,8 +242,10 @@ def empty_dataset(entries: list[ModelEntry], cfg: SurfaceConfig) -> xr.Dataset:
 
 def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | None = None,
             resume_from: xr.Dataset | None = None, progress: bool = True, log=print) -> xr.Dataset:
-    """Fill a surface Dataset. After each (model, step) block the partial result is saved to
-    ``partial`` (atomically); ``resume_from`` skips the blocks already complete there."""
+    """Fill a surface Dataset, one chunk of grid points at a time, every step of a chunk together.
+    After each chunk the partial result is saved to ``partial`` (atomically); ``resume_from`` skips
+    the chunks already complete there. The chunk holding the origin always runs (it is the
+    reference), and a chunk always runs whole, so a resumed result is bit-identical."""
     from tqdm.auto import tqdm
 
     from .io import save
@@ -246,14 +253,16 @@ def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | No
     diffusion = Diffusion.for_config(cfg.sampler)
     points = _grid_points(cfg)
     chunks = _chunks(points, cfg.batch_size)
-    na, nb = len(cfg.alphas), len(cfg.betas)
     steps = sorted(cfg.steps)
-    todo = [(m, s) for m in range(len(entries)) for s in range(len(steps))
-            if np.isnan(ds["surface"].values[m, s]).any()]
-    bar = tqdm(total=len(todo) * len(chunks), disable=not progress, desc="surface", unit="chunk")
+    values = np.ascontiguousarray(ds["surface"].values)     # (model, step, readout, seed, alpha, beta)
+    ds["surface"].values = values
+    cells = values.reshape(*values.shape[:4], -1)            # a view: grid points flattened, as ``points``
+    done = lambda m, chunk: not np.isnan(cells[m][..., chunk]).any()
+    bar = tqdm(total=len(entries) * len(chunks), disable=not progress, desc="surface", unit="chunk")
     captions = load_caption_embeds(cfg.caption_embeds) if cfg.caption_embeds else None
     for m, e in enumerate(entries):
-        if not any(mm == m for mm, _ in todo):
+        if all(done(m, chunk) for chunk in chunks):
+            bar.update(len(chunks))
             continue
         c = e.model.config
         device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
@@ -270,36 +279,35 @@ def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | No
         with torch.inference_mode():
             if cfg.evaluation == "local":
                 inputs = [_chain_inputs(e, cfg, diffusion, seed, y1, shape) for seed in cfg.seeds]
-            for s_i, step in enumerate(steps):
-                if (m, s_i) not in todo:
+            ref = {}
+            for c_i, chunk in enumerate(chunks):
+                if c_i > 0 and done(m, chunk):                          # chunk 0 holds the origin
+                    bar.update(1)
                     continue
-                block = np.full((len(cfg.readouts), len(cfg.seeds), len(points)), np.nan)
-                ref = {}
-                for chunk in chunks:
-                    coef = (torch.tensor(points[chunk, 0]), torch.tensor(points[chunk, 1]))
-                    if cfg.evaluation == "local":
-                        x_t = torch.cat([inp[step] for inp in inputs])
-                        y = chain.tile(y1, len(cfg.seeds))
-                        data = _local(e, cfg, diffusion, step, x_t, y, coef, engine)
-                    else:
-                        per_seed = [_trajectory(e, cfg, diffusion, seed, y1, coef, engine, shape) for seed in cfg.seeds]
-                        data = {k: torch.cat([d[k] for d in per_seed], dim=1) for k in per_seed[0]}
-                    origin = np.flatnonzero((points[chunk] == 0).all(axis=1))
+                coef = (torch.tensor(points[chunk, 0]), torch.tensor(points[chunk, 1]))
+                if cfg.evaluation == "local":
+                    data = _local(e, cfg, diffusion, inputs, y1, coef, engine)
+                else:
+                    per_seed = [_trajectory(e, cfg, diffusion, seed, y1, coef, engine, shape) for seed in cfg.seeds]
+                    data = {k: torch.cat([d[k] for d in per_seed], dim=1) for k in per_seed[0]}
+                origin = np.flatnonzero((points[chunk] == 0).all(axis=1))
+                for s_i, step in enumerate(steps):
                     for r_i, r in enumerate(cfg.readouts):
-                        feats = data[(r, step)]                          # (G, R, ...)
+                        feats = data[(r, step)]                          # (G, N, ...)
                         if not torch.isfinite(feats).all():
                             bad = chunk[int(torch.nonzero(~torch.isfinite(feats.flatten(1)).all(1))[0])]
                             raise ValueError(f"{e.label}: the perturbed model gave non-finite {r} at step {step} "
                                              f"(alpha={points[bad, 0]:g}, beta={points[bad, 1]:g}); "
                                              "use a smaller grid range")
-                        if r not in ref:
-                            ref[r] = feats[int(origin[0])]
-                        block[r_i][:, chunk] = similarity.compare(feats, ref[r], cfg.metric, cfg.flatten).numpy().T
-                    bar.update(1)
-                ds["surface"].values[m, s_i] = block.reshape(len(cfg.readouts), len(cfg.seeds), na, nb)
+                        if (r, step) not in ref:
+                            ref[r, step] = feats[int(origin[0])]
+                        cells[m, s_i, r_i][:, chunk] = similarity.compare(feats, ref[r, step], cfg.metric,
+                                                                          cfg.flatten).numpy().T
                 if partial is not None:
                     save(ds, partial)
-                _summary(ds, m, s_i, log)
+                bar.update(1)
+        for s_i in range(len(steps)):
+            _summary(ds, m, s_i, log)
     bar.close()
     return ds
 
@@ -363,7 +371,8 @@ def _parser():
     a("--cfg-scale", type=float, default=d.sampler.cfg_scale, help=f"guidance >= 1 (default: {d.sampler.cfg_scale})")
     a("--device", default=d.device, help=f"(default: {d.device})")
     a("--dtype", choices=list(DTYPES), default=d.dtype, help=f"(default: {d.dtype})")
-    a("--batch-size", type=int, default=d.batch_size, help=f"grid points per forward (default: {d.batch_size})")
+    a("--batch-size", type=int, default=d.batch_size, help=f"grid points per forward; in local mode each point carries every step's and seed's x_t "
+                         f"(x2 with CFG) as rows (default: {d.batch_size})")
     a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
     a("--name", default="surface", help="file stem inside --out (default: surface)")
     a("--resume", action="store_true", help="continue from <out>/<name>.partial.nc")

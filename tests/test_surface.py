@@ -137,6 +137,48 @@ def test_resume_is_bit_identical(pair, tmp_path):
     np.testing.assert_array_equal(resumed["surface"].values, full["surface"].values)
 
 
+def test_resume_inside_a_model_redoes_no_finished_chunk_and_is_bit_identical(pair, tmp_path, monkeypatch):
+    cfg = _cfg()
+    full = surface.compute(pair, cfg, progress=False, log=lambda *_: None)
+    partial = tmp_path / "run.partial.nc"
+    real_save, saves = io.save, []
+
+    def save_then_stop(ds, path):
+        real_save(ds, path)
+        saves.append(path)
+        if len(saves) == 2:                                  # two of model 0's four chunks are saved
+            raise KeyboardInterrupt
+    monkeypatch.setattr(io, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        surface.compute(pair, cfg, partial=partial, progress=False, log=lambda *_: None)
+    monkeypatch.setattr(io, "save", real_save)
+    saved = io.load(partial)["surface"].values
+    assert 0 < np.isnan(saved[0]).mean() < 1 and np.isnan(saved[1]).all()
+    finished = ~np.isnan(saved)
+    np.testing.assert_array_equal(saved[finished], full["surface"].values[finished])
+    evaluated = []
+    real_local = surface._local
+    monkeypatch.setattr(surface, "_local", lambda *a: evaluated.append(len(a[5][0])) or real_local(*a))
+    resumed = surface.compute(pair, cfg, partial=partial, resume_from=io.resumable(partial, full),
+                              progress=False, log=lambda *_: None)
+    np.testing.assert_array_equal(resumed["surface"].values, full["surface"].values)
+    assert len(evaluated) == 1 + 2 + 4                      # the origin chunk again, model 0's last two, model 1
+
+
+@pytest.mark.parametrize("mode,site,cfg_scale", [("weights", None, 1.0), ("weights", None, 2.5),
+                                                 ("features", "blocks.1", 1.0), ("latent", None, 1.0)])
+def test_steps_evaluated_together_equal_each_step_alone(pair, mode, site, cfg_scale):
+    """Local mode stacks every step's x_t as rows of one forward; each step alone gives the same."""
+    cfg = _cfg(perturbation=Perturbation(mode, DirectionSpec(params="all"), site),
+               sampler=SamplerConfig(num_steps=6, clip_denoised=True, cfg_scale=cfg_scale))
+    quiet = dict(progress=False, log=lambda *_: None)
+    together = surface.compute(pair[1:], cfg, **quiet)["surface"]
+    for step in cfg.steps:
+        alone = surface.compute(pair[1:], replace(cfg, steps=(step,)), **quiet)["surface"]
+        np.testing.assert_allclose(together.sel(step=[step]).values, alone.values, rtol=1e-5, atol=1e-6)
+    assert np.ptp(together.values) > 1e-4
+
+
 def test_resume_refuses_a_different_run(pair, tmp_path):
     ds = surface.compute(pair, _cfg(), progress=False, log=lambda *_: None)
     io.save(ds, tmp_path / "p.nc")
