@@ -157,8 +157,8 @@ def test_resume_inside_a_model_redoes_no_finished_chunk_and_is_bit_identical(pai
     finished = ~np.isnan(saved)
     np.testing.assert_array_equal(saved[finished], full["surface"].values[finished])
     evaluated = []
-    real_local = surface._local
-    monkeypatch.setattr(surface, "_local", lambda *a: evaluated.append(len(a[5][0])) or real_local(*a))
+    real_local = surface.local
+    monkeypatch.setattr(surface, "local", lambda *a: evaluated.append(len(a[5][0])) or real_local(*a))
     resumed = surface.compute(pair, cfg, partial=partial, resume_from=io.resumable(partial, full),
                               progress=False, log=lambda *_: None)
     np.testing.assert_array_equal(resumed["surface"].values, full["surface"].values)
