@@ -8,16 +8,9 @@ For every model, sampler step s and seed (one uncached chain per seed, batch 1, 
 chains as the surfaces), three things are measured:
 
 * smoothness: the scores of the step-s surface (``scores.smoothness_scores``; larger = rougher);
-* the per-step caching error (paper-spec 3.4, reading (i)): the chain's x_{s-lag} goes through the
-  cached model as a full step, filling the cache, then the chain's x_s as a cached step. That
-  output is compared with the uncached output on the same x_s: ``cosine_distance`` = 1 - cosine,
-  ``rel_l2`` = ||cached - uncached|| / ||uncached||, on the eps channels, each sample flattened
-  over all its non-batch dims;
-* the window error (closer to reading (ii)): steps s-window .. s+window reuse the cache filled at
-  step s-window-1 and every other step is full; ``psnr`` of that chain's final sample against the
-  uncached one (same noise), in dB, larger = better. The chain is only run from step
-  s-window-1 on, starting from the uncached chain's x_t and sampler-noise state there, which gives
-  exactly the same result as the whole chain.
+* the per-step caching error (``cosine_distance``, ``rel_l2``: the cached output at step s against
+  the uncached one on the same x_s) and the window error (``psnr`` of the final sample when the
+  steps around s are cached); both are defined in ``smoothness.caching_error``.
 
 The cache is Skip-Cache on models with skip branches and deep-reuse (DeepCache-style) on models
 without (``method="auto"``), k units recomputed on each side.
@@ -41,8 +34,9 @@ import torch
 import xarray as xr
 
 from . import chain
-from .cache import METHODS, CacheConfig, Schedule, apply_cache
-from .diffusion import Diffusion, SamplerConfig
+from .cache import METHODS, CacheConfig
+from .caching_error import ERRORS, caching_errors
+from .diffusion import SamplerConfig
 from .stats import bootstrap_ci, pearson, spearman
 from .surface import SurfaceConfig
 
@@ -50,13 +44,6 @@ __all__ = ["CorrelateConfig", "ERRORS", "SCORES", "bootstrap_ci", "caching_error
            "pearson", "scatter", "spearman", "table"]
 
 SCORES = ("mean_deviation", "at_radius", "total_variation", "laplacian_energy", "curvature")
-ERRORS = {  # name: (long name, units, larger is worse)
-    "cosine_distance": ("1 - cosine similarity of cached and uncached outputs at the step", "1", True),
-    "rel_l2": ("relative L2 distance of cached and uncached outputs at the step", "1", True),
-    "psnr": ("PSNR of the final sample, caching around the step, against the uncached one", "dB", False),
-}
-
-
 def _default_surface() -> SurfaceConfig:
     return SurfaceConfig(steps=(10, 70, 130, 190, 250), alpha="-0.25:0.25:7", beta="-0.25:0.25:7",
                          seeds=(0, 1, 2))
@@ -118,104 +105,6 @@ class CorrelateConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
-
-
-# ------------------------------------------------------------------ caching error
-def _flat(v: torch.Tensor) -> torch.Tensor:
-    return v.double().reshape(v.shape[0], -1)                          # (N, everything else)
-
-
-def output_errors(cached: torch.Tensor, full: torch.Tensor) -> tuple[float, float]:
-    """(1 - cosine, relative L2) of two (N, ...) outputs, each sample flattened, mean over samples."""
-    a, b = _flat(cached), _flat(full)
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
-    rel = torch.linalg.vector_norm(a - b, dim=1) / torch.linalg.vector_norm(b, dim=1).clamp_min(1e-300)
-    return float((1 - cos).mean()), float(rel.mean())
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
-    """10 log10(range^2 / MSE), each sample flattened over all its dims, mean over samples (inf if equal)."""
-    err = ((_flat(a) - _flat(b)) ** 2).mean(1)
-    return float((10 * torch.log10(data_range ** 2 / err)).mean())
-
-
-def step_error(model, cache: CacheConfig, diffusion: Diffusion, sampler: SamplerConfig, x_fill, t_fill,
-               x, t, y, reference: torch.Tensor) -> tuple[float, float]:
-    """Reading (i): fill the cache with a full call on (x_fill, t_fill), then call cached on (x, t);
-    compare the eps channels with ``reference`` (the uncached output on x)."""
-    rule = replace(cache, interval=2, t_start=1000, t_stop=-1, mask=None)   # full, then cached; no window
-    with apply_cache(model, rule) as state:
-        diffusion.model_output(model, x_fill, t_fill, y, sampler)
-        out = diffusion.model_output(model, x, t, y, sampler)
-    if [c.full for c in state.calls] != [True, False]:
-        raise RuntimeError(f"expected a full then a cached call, got {state.schedule.mask}")
-    c = x.shape[1]
-    return output_errors(out[:, :c], reference[:, :c])
-
-
-def window_final(model, cache: CacheConfig, diffusion: Diffusion, sampler: SamplerConfig, first: int, last: int,
-                 x_start, generator: torch.Generator, y) -> torch.Tensor:
-    """Final sample of the chain whose steps first..last are cached, run from step first-1 on:
-    ``x_start`` is the uncached chain's x_t at step first-1 and ``generator`` its noise state there."""
-    start = first - 1
-    m = sampler.num_steps - start + 1                                  # steps left, start included
-    sub = Diffusion(list(diffusion.timestep_map[:m]))                  # the same last m timesteps
-    mask = [not (first <= start + i <= last) for i in range(m)]
-    cfg = replace(cache, mask=Schedule.from_mask(mask))
-    with apply_cache(model, cfg):
-        return sub.sample(model, tuple(x_start.shape), y, replace(sampler, num_steps=m), generator=generator,
-                          x_T=x_start, device=x_start.device, dtype=x_start.dtype)
-
-
-def caching_errors(models, cfg: CorrelateConfig, log=None) -> xr.DataArray:
-    """Caching errors, dims (model, step, seed, error); ``models`` is {label: model} or entries."""
-    entries = chain.as_entries(models)
-    diffusion = Diffusion.for_config(cfg.sampler)
-    steps, seeds = cfg.steps, list(cfg.surface.seeds)
-    out = np.full((len(entries), len(steps), len(seeds), len(ERRORS)), np.nan)
-    caches = {}
-    for e in entries:                                                  # validate before any work
-        caches[e.label] = CacheConfig(method=cfg.method_for(e.model), k=cfg.k)
-        caches[e.label].check(e.model)
-        chain.labels(e.model, cfg.surface.class_label)
-    for m, e in enumerate(entries):
-        model, cache = e.model.eval(), caches[e.label]
-        device, _ = chain.model_device_dtype(model)
-        y = chain.labels(model, cfg.surface.class_label, 1, device)
-        need = set(steps) | {s - cfg.lag for s in steps} | {cfg.window_of(s)[0] - 1 for s in steps}
-        at = lambda step: torch.full((1,), diffusion.timestep_of(step), dtype=torch.long, device=device)
-        for j, seed in enumerate(seeds):
-            g = torch.Generator().manual_seed(int(seed))
-            after_x_T = torch.Generator().manual_seed(int(seed))
-            torch.randn((1, *model.sample_shape()), generator=after_x_T)
-            x_t, outs, noise = {}, {}, {1: after_x_T.get_state()}    # noise[j]: generator state entering step j
-            with torch.inference_mode():
-                for rec in chain.reference_chain(model, diffusion, cfg.sampler, seed, cfg.surface.class_label, g):
-                    if rec.step in need:
-                        x_t[rec.step], outs[rec.step] = rec.x_t, rec.model_output
-                    if rec.step + 1 in need:
-                        noise[rec.step + 1] = g.get_state()
-                    final = rec.x_next
-                for i, s in enumerate(steps):
-                    out[m, i, j, :2] = step_error(model, cache, diffusion, cfg.sampler, x_t[s - cfg.lag],
-                                                  at(s - cfg.lag), x_t[s], at(s), y, outs[s])
-                    first, last = cfg.window_of(s)
-                    gen = torch.Generator()
-                    gen.set_state(noise[first - 1])
-                    x0 = window_final(model, cache, diffusion, cfg.sampler, first, last, x_t[first - 1], gen, y)
-                    out[m, i, j, 2] = psnr(x0, final, cfg.data_range)
-            if log:
-                log(f"{e.label} seed {seed}: caching errors at steps {steps} done ({cache.method}, k={cache.k})")
-    return xr.DataArray(
-        out, dims=("model", "step", "seed", "error"),
-        coords={"model": [e.label for e in entries], "step": ("step", steps, {"long_name": "sampler iteration (1-based)"}),
-                "timestep": ("step", [diffusion.timestep_of(s) for s in steps],
-                             {"long_name": "DDPM timestep t on the 1000-step scale"}),
-                "seed": seeds, "error": list(ERRORS),
-                "error_units": ("error", [v[1] for v in ERRORS.values()]),
-                "error_long_name": ("error", [v[0] for v in ERRORS.values()]),
-                "method": ("model", [caches[e.label].method for e in entries])},
-        name="caching_error", attrs={"long_name": "caching error", "lag": cfg.lag, "window": cfg.window, "k": cfg.k})
 
 
 # ------------------------------------------------------------------ correlation

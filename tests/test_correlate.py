@@ -10,7 +10,7 @@ import torch
 import xarray as xr
 
 from _toy_models import ToyVideo
-from smoothness import correlate, metrics
+from smoothness import caching_error, correlate, metrics
 from smoothness.cache import CacheConfig, Schedule, apply_cache
 from smoothness.cli import run_cli
 from smoothness.diffusion import Diffusion, SamplerConfig
@@ -100,12 +100,12 @@ def test_correlations_of_a_known_dataset():
 # ------------------------------------------------------------------ caching errors
 def test_output_errors_and_psnr_hand_worked():
     full = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    cos, rel = correlate.output_errors(2 * full, full)
+    cos, rel = caching_error.output_errors(2 * full, full)
     assert cos == pytest.approx(0.0, abs=1e-12) and rel == pytest.approx(1.0)
     a, b = torch.rand(3, 1, 8, 8) * 2 - 1, torch.rand(3, 1, 8, 8) * 2 - 1
-    assert correlate.psnr(a, b) == pytest.approx(float(metrics.psnr(a, b).mean()), rel=1e-12)
+    assert caching_error.psnr(a, b) == pytest.approx(float(metrics.psnr(a, b).mean()), rel=1e-12)
     video = torch.zeros(1, 1, 2, 2, 2)                                 # 5-D: flattened per sample
-    assert correlate.psnr(video + 0.1, video, data_range=2.0) == pytest.approx(10 * np.log10(4 / 0.01))
+    assert caching_error.psnr(video + 0.1, video, data_range=2.0) == pytest.approx(10 * np.log10(4 / 0.01))
 
 
 SAMPLER = SamplerConfig(num_steps=8, clip_denoised=True)
@@ -123,11 +123,11 @@ def _naive_errors(model, method, k, step, lag, first, last, seed, y, shape):
             diff.model_output(model, recs[step - lag - 1].x_t, t(step - lag), y, SAMPLER)
             out = diff.model_output(model, recs[step - 1].x_t, t(step), y, SAMPLER)
         c = shape[1]
-        cos, rel = correlate.output_errors(out[:, :c], recs[step - 1].model_output[:, :c])
+        cos, rel = caching_error.output_errors(out[:, :c], recs[step - 1].model_output[:, :c])
         mask = Schedule.from_mask([not (first <= s <= last) for s in range(1, SAMPLER.num_steps + 1)])
         with apply_cache(model, CacheConfig(method=method, k=k, mask=mask)):
             x0 = diff.sample(model, shape, y, SAMPLER, seed=seed)
-    return cos, rel, correlate.psnr(x0, ref)
+    return cos, rel, caching_error.psnr(x0, ref)
 
 
 def _cfg(steps=(3, 8), seeds=(0, 1), **kw):
@@ -163,7 +163,7 @@ def test_step_error_is_zero_when_the_cache_holds_the_same_input(make_model):
     diff = Diffusion.for_config(SAMPLER)
     with torch.no_grad():
         ref = model(x, t, y)
-        cos, rel = correlate.step_error(model, CacheConfig(method="deep-reuse", k=1), diff, SAMPLER, x, t, x, t, y, ref)
+        cos, rel = caching_error.step_error(model, CacheConfig(method="deep-reuse", k=1), diff, SAMPLER, x, t, x, t, y, ref)
     assert cos == pytest.approx(0.0, abs=1e-12) and rel == pytest.approx(0.0, abs=1e-7)
 
 
