@@ -8,7 +8,8 @@
   ``delta = h_in(L-k) - h_out(k-1)``; a cached step runs units 0..k-1 fresh, adds delta, and runs
   units L-k..L-1 (fusing fresh skips on a Skip-DiT).
 * ``fora`` (FORA): every block still runs its adaLN modulation, norms and gates, but reuses the
-  attention and MLP outputs of the last full step (before gating). ``k`` is not used.
+  outputs of its ``branches`` from the last full step (before gating): attention and MLP on DiT and
+  Latte, self-attention, cross-attention and feed-forward on text-to-video blocks. ``k`` is not used.
 * ``none``: the uncached reference (every call full); defined in skip_cache.py.
 """
 from __future__ import annotations
@@ -65,18 +66,19 @@ class Fora(Method):
     def overrides(self, model, state: CacheState) -> dict:
         swaps = {}
         for i, block in enumerate(model.blocks):
-            for part in ("attn", "mlp"):
+            for part in block.branches:                          # DiT: attn, mlp; T2V: attn1, attn2, ff
                 module = getattr(block, part)
-                swaps[module] = self._reuse(state, module, (i, part))
+                if module is not None:
+                    swaps[module] = self._reuse(state, module, (i, part))
         return swaps
 
     @staticmethod
     def _reuse(state: CacheState, module, key):
         compute = type(module).forward
 
-        def forward(h):
+        def forward(*args, **kwargs):
             if state.payload.get("computing"):
-                out = compute(module, h)                         # (N, T, H) before the gate
+                out = compute(module, *args, **kwargs)           # (N, T, H) before the gate
                 state.payload[key] = out
                 return out
             return state.payload[key]

@@ -147,6 +147,8 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero block. ``hook_attn`` / ``hook_mlp`` see the gated residual branches."""
 
+    branches = ("attn", "mlp")      # the sub-modules whose outputs FORA reuses (before the gates)
+
     def __init__(self, hidden: int, heads: int, mlp_ratio: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)

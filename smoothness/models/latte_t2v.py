@@ -183,6 +183,8 @@ class T2VBlock(nn.Module):
     """diffusers ``BasicTransformerBlock`` with norm_type ada_norm_single. ``hook_attn``,
     ``hook_cross`` and ``hook_mlp`` see the (gated) residual branches."""
 
+    branches = ("attn1", "attn2", "ff")   # reused by FORA; attn2 (cross-attention) is None in temporal blocks
+
     def __init__(self, hidden: int, heads: int, mlp_ratio: float, eps: float, cross: bool):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=eps)
