@@ -165,6 +165,59 @@ def test_latte_calls_match_flop_counter(method, pairs_with_attention):
     assert fc.get_total_flops() == 2 * n * (flops.call_macs(shape, method, k, full) - attn_mm)
 
 
-def test_text_to_video_is_refused_by_name():
-    with pytest.raises(ValueError, match="text-to-video models"):
-        flops.Shape.of(build("LatteT2V-Mini/2", device="meta"))
+def t2v(depth=8):
+    torch.manual_seed(0)
+    return build("LatteT2V-Mini/2-skip", depth=depth, hidden_size=32, caption_channels=12, num_frames=3).eval()
+
+
+def test_hand_count_text_to_video_mini():
+    # 8x8x4 latents, 3 frames: T = 16, F = 3, H = 32, MLP 128, p = 2, C_out = 8; captions L = 5 of width 12
+    c = flops.components(flops.Shape.of(t2v(depth=4), caption_tokens=5))
+    n = 3 * 16                                       # tokens of a video
+    assert c == {
+        "x_embedder": n * 32 * 4 * 4,
+        "t_embedder": 256 * 32 + 32 * 32,
+        "adaln_single": 32 * 6 * 32,                 # once per sample; no per-block adaLN Linear
+        "caption_projection": 5 * 12 * 32 + 5 * 32 * 32,
+        "spatial.attn.qkv": n * 32 * 96,
+        "spatial.attn.scores": 3 * 16 * 16 * 32,
+        "spatial.attn.values": 3 * 16 * 16 * 32,
+        "spatial.attn.proj": n * 32 * 32,
+        "spatial.mlp": 2 * n * 32 * 128,
+        "spatial.cross.q": n * 32 * 32,
+        "spatial.cross.kv": 3 * 5 * 32 * 64,         # keys and values of the caption, for every frame
+        "spatial.cross.scores": 3 * 16 * 5 * 32,
+        "spatial.cross.values": 3 * 16 * 5 * 32,
+        "spatial.cross.proj": n * 32 * 32,
+        "temporal.attn.qkv": n * 32 * 96,
+        "temporal.attn.scores": 16 * 3 * 3 * 32,
+        "temporal.attn.values": 16 * 3 * 3 * 32,
+        "temporal.attn.proj": n * 32 * 32,
+        "temporal.mlp": 2 * n * 32 * 128,
+        "fusion": n * 64 * 32,
+        "final.linear": n * 32 * 4 * 8,
+    }
+    assert flops.Shape.of(t2v(depth=4)).caption_tokens == 120          # the Latte pipeline's padding
+    with pytest.raises(ValueError, match="caption_tokens"):
+        flops.Shape.of(t2v(depth=4), caption_tokens=0)
+    with pytest.raises(ValueError, match="only for text-to-video"):
+        flops.Shape.of(mini(), caption_tokens=5)
+
+
+@pytest.mark.parametrize("method,pairs_with_branches", [
+    ("skip-cache", 2), ("deep-reuse", 1), ("delta", 2), ("fora", 0), ("none", 4)])
+def test_text_to_video_calls_match_flop_counter(method, pairs_with_branches):
+    model = t2v()
+    shape = flops.Shape.of(model, caption_tokens=5)
+    c = flops.components(shape)
+    n, k = 2, 1
+    x, t = torch.randn(n, 4, 3, 8, 8), torch.full((n,), 500)
+    y = torch.randn(n, 5, 12)
+    with torch.no_grad(), apply_cache(model, CacheConfig(method=method, interval=2, k=k)) as state:
+        model(x, t, y)
+        with FlopCounterMode(display=False) as fc:
+            model(x, t, y)
+    attn_mm = 0 if _sdpa_counted() else pairs_with_branches * sum(
+        c[f"{kind}.{part}"] for kind in ("spatial.attn", "spatial.cross", "temporal.attn") for part in ("scores", "values"))
+    assert fc.get_total_flops() == 2 * n * (flops.call_macs(shape, method, k, state.calls[-1].full) - attn_mm)
+    assert not state.calls[-1].full or method == "none"

@@ -312,6 +312,37 @@ def test_skip_cache_on_pairs_with_the_t2v_preset(tiny4):
     assert hooks.leftover_hooks(tiny4) == []
 
 
+def test_fora_reuses_self_attention_cross_attention_and_feed_forward(tiny4, monkeypatch):
+    """FORA on text-to-video blocks: a cached call runs no attention or feed-forward at all, and on
+    the full call's own input it reproduces that call bit for bit; interval 1 is plain sampling."""
+    from smoothness.cache import Schedule
+    from smoothness.models import latte_t2v
+    calls = []
+    for cls in (latte_t2v.Attention, latte_t2v.FeedForward):
+        real = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, *a, _real=real, **k: calls.append(self) or _real(self, *a, **k))
+    y = torch.randn(1, 4, 12, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([500])
+    diffusion, sampler = Diffusion.for_config(DDIM50), SamplerConfig(num_steps=50, sampler="ddim")
+    with torch.no_grad():
+        plain = diffusion.model_output(tiny4, x, t, y, sampler)
+        per_call = len(calls)                      # 4 spatial blocks: attn1, attn2, ff; 4 temporal: attn1, ff
+        assert per_call == 4 * 3 + 4 * 2
+        with apply_cache(tiny4, CacheConfig(method="fora", mask=Schedule.from_mask("Fcc"))) as state:
+            full = diffusion.model_output(tiny4, x, t, y, sampler)
+            again = diffusion.model_output(tiny4, x, t, y, sampler)
+            moved = diffusion.model_output(tiny4, x + 0.5, torch.tensor([300]), y, sampler)
+        assert [c.full for c in state.calls] == [True, False, False] and len(calls) == 2 * per_call
+        assert torch.equal(full, plain) and torch.equal(again, plain)
+        assert not torch.equal(moved, diffusion.model_output(tiny4, x + 0.5, torch.tensor([300]), y, sampler))
+        shape = (1, 4, 2, 4, 4)
+        ref = diffusion.sample(tiny4, shape, y, DDIM50, seed=0)
+        with apply_cache(tiny4, CacheConfig(method="fora", interval=1)):
+            assert torch.equal(diffusion.sample(tiny4, shape, y, DDIM50, seed=0), ref)
+    assert hooks.leftover_hooks(tiny4) == []
+
+
 def test_sample_cli_text_to_video(tmp_path):
     torch.manual_seed(0)
     sd = build("LatteT2V-Mini/2-skip", num_frames=2).state_dict()
@@ -327,6 +358,39 @@ def test_sample_cli_text_to_video(tmp_path):
     assert (tmp_path / "samples_t2v.png").stat().st_size > 1000
     torch.save(torch.randn(3, 7), tmp_path / "wide.pt")
     assert run_cli(sample.main, argv[:3] + [str(tmp_path / "wide.pt")] + argv[6:]) == 2
+
+
+def test_cache_sweep_cli_text_to_video(tmp_path, capsys):
+    """Skip-Cache and FORA swept on a text-to-video checkpoint: captions condition the chains, MACs
+    count the caption length, and the caption file is recorded."""
+    import xarray as xr
+
+    from smoothness.cache import flops
+    from smoothness.cache.cli import main as sweep_main
+    torch.manual_seed(0)
+    model = _randomize(build("LatteT2V-Mini/2-skip", depth=8, num_frames=2), std=0.1)   # hidden 64, captions of width 32
+    torch.save({"ema": model.state_dict(), "meta": {"input_size": 8, "num_frames": 2}}, tmp_path / "t2v.pt")
+    torch.save(torch.randn(2, 5, 32), tmp_path / "caps.pt")
+    argv = ["--ckpt", str(tmp_path / "t2v.pt"), "--num-sampling-steps", "4", "--sampler", "ddim", "--intervals", "2",
+            "--k", "1", "--per-class", "1", "--methods", "skip-cache,fora", "--out", str(tmp_path), "--name", "s"]
+    assert run_cli(sweep_main, argv + ["--caption-embeds", str(tmp_path / "caps.pt")]) == 0
+    ds = xr.open_dataset(tmp_path / "s.nc", engine="h5netcdf")
+    assert ds.attrs["captions"] == 2 and ds.attrs["caption_tokens"] == 5 and ds.attrs["cfg_scale"] == 7.5
+    assert len(ds.attrs["caption_sha256"]) == 64 and "classes" not in ds.attrs
+    cached = ds.sel({"method": "skip-cache"}).squeeze()
+    assert int(cached.full_steps) == 2 and np.isfinite(float(cached.psnr))
+    from smoothness.cache import CacheConfig
+    from smoothness.diffusion import Diffusion
+    want = flops.theoretical_speedup(model, CacheConfig(method="skip-cache", interval=2, k=1),
+                                     Diffusion.respaced(4).chain, caption_tokens=5)
+    assert float(cached.theoretical_speedup) == pytest.approx(want) and want > 1.2
+    ds.close()
+    capsys.readouterr()
+    assert run_cli(sweep_main, argv) == 2                                       # no captions
+    assert "text-to-video model: pass --caption-embeds" in capsys.readouterr().err
+    assert run_cli(sweep_main, argv + ["--caption-embeds", str(tmp_path / "caps.pt"), "--classes", "1"]) == 2
+    assert run_cli(sweep_main, ["--model", "digits-dit", "--caption-embeds", str(tmp_path / "caps.pt"),
+                                "--out", str(tmp_path)]) == 2
 
 
 def test_block_patterns_select_through_the_block_paths(tiny4):

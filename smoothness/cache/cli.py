@@ -25,10 +25,11 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .. import metrics
+from .. import chain, metrics
 from ..cli import add_model_args, parse_int_list, run_cli
 from ..diffusion import Diffusion, SamplerConfig
 from ..io_utils import atomic_path, check_writable, versions
+from ..models.latte_t2v import load_caption_embeds
 from . import flops
 from .schedule import preset
 from .skip_cache import METHODS, CacheConfig, apply_cache
@@ -81,9 +82,10 @@ def run_chain(model, diffusion, shape, y, sampler, seed, config: CacheConfig | N
 
 
 def sweep(models: dict, sampler: SamplerConfig, methods, intervals, ks, windows, seeds, classes, per_class,
-          stop_inclusive=True, log=print) -> xr.Dataset:
+          stop_inclusive=True, log=print, captions: torch.Tensor | None = None) -> xr.Dataset:
     """Run the grid on ``models`` ({label: model}); returns the labelled Dataset. Unconditional
-    models (no class table, e.g. the video pair) draw ``len(classes) * per_class`` unlabelled samples."""
+    models (no class table, e.g. the video pair) draw ``len(classes) * per_class`` unlabelled samples;
+    text-to-video models draw ``per_class`` videos for each of ``captions`` (N, L, C)."""
     diffusion = Diffusion.for_config(sampler)
     labels = torch.tensor([c for c in classes for _ in range(per_class)])
     wnames = [CacheConfig(t_stop=s, t_start=e, stop_inclusive=stop_inclusive).rule.window for s, e in windows]
@@ -97,9 +99,16 @@ def sweep(models: dict, sampler: SamplerConfig, methods, intervals, ks, windows,
     masks = np.full(size, "", dtype=object)
     clf = _classifier_or_none(models)
     for mi, (label, model) in enumerate(models.items()):
-        y = labels if model.config.num_classes else None
-        shape = (len(labels), *model.sample_shape())
-        rows = len(labels) * (2 if sampler.cfg_scale > 1 and y is not None else 1)
+        tokens = None                                             # caption length, text-to-video only
+        if chain.is_text(model):
+            if captions is None:
+                raise ValueError(f"{label} is a text-to-video model: give caption embeddings (--caption-embeds)")
+            model.check_captions(captions)
+            y, tokens = captions.repeat_interleave(per_class, dim=0), captions.shape[1]   # (N*per, L, C)
+        else:
+            y = labels if model.config.num_classes else None
+        shape = (len(labels) if y is None else len(y), *model.sample_shape())
+        rows = shape[0] * (2 if sampler.cfg_scale > 1 and y is not None else 1)
         with torch.inference_mode():                                  # warm-up: 3 real steps, untimed
             for i, _ in enumerate(diffusion.sample_steps(model, shape, y, sampler, seed=seeds[0])):
                 if i == 2:
@@ -144,7 +153,7 @@ def sweep(models: dict, sampler: SamplerConfig, methods, intervals, ks, windows,
                     data["accuracy"][at] = metrics.classifier_accuracy(x, y, clf).item()
                     data["frechet"][at] = metrics.frechet_distance(x, classifier=clf).item()
                 data["full_steps"][at], data["cached_steps"][at] = state.num_full, state.num_cached
-                cost = flops.schedule_cost(model, cfg, diffusion.chain, batch=rows)
+                cost = flops.schedule_cost(model, cfg, diffusion.chain, batch=rows, caption_tokens=tokens)
                 data["theoretical_speedup"][at] = cost.attrs["theoretical_speedup"]
                 data["realized_speedup"][at] = ref_sec / sec
                 full_calls = [c.seconds for c in state.calls if c.full]
@@ -275,11 +284,14 @@ def _parser():
     a("--num-sampling-steps", type=int, default=50, help="(default: 50)")
     a("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="(default: ddpm)")
     a("--cfg-scale", type=float, default=None, help="guidance >= 1 (default: 3.0, the digits setting, for "
-      "class-conditional models; 1 for unconditional ones)")
+      "class-conditional models; 7.5, the Latte pipeline's, for text-to-video; 1 for unconditional ones)")
     a("--seed", default="0", help="seeds, comma-separated (default: 0)")
     a("--classes", default=None, help="class labels (default: 0..9; not allowed for unconditional models)")
-    a("--per-class", type=int, default=2, help="samples per class; unconditional models draw 10 x this many "
-      "(default: 2)")
+    a("--per-class", type=int, default=2, help="samples per class; unconditional models draw 10 x this many, "
+      "text-to-video models this many per caption (default: 2)")
+    a("--caption-embeds", type=Path, default=None, metavar="FILE",
+      help="text-to-video checkpoints: caption embeddings (L, C) or (N, L, C), .pt or .safetensors; their "
+           "sha256 goes into the attributes (default: none)")
     a("--threads", type=int, default=1, help="torch CPU threads (default: 1; the digits models are small, and "
       "one thread is robust on a shared CPU)")
     a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
@@ -311,9 +323,19 @@ def main(argv=None):
         CacheConfig(interval=n, k=k, t_stop=stop, t_start=start)
     out = check_writable(args.out)
     names = (args.model or []) + (args.ckpt or []) or list(bundled.DEFAULT_PAIR)
+    captions = load_caption_embeds(args.caption_embeds) if args.caption_embeds else None
     models = {}
     for n in names:
         model = bundled.load(n, num_heads=args.num_heads).eval()
+        if chain.is_text(model) != (captions is not None):
+            raise ValueError(f"{n} is a text-to-video model: pass --caption-embeds" if captions is None else
+                             f"--caption-embeds is for text-to-video checkpoints; {n} is not one")
+        if captions is not None:
+            model.check_captions(captions)
+            if args.classes is not None:
+                raise ValueError(f"--classes {args.classes} given, but {n} is conditioned on captions, not classes")
+            models[bundled.label(n)] = model
+            continue
         if not model.config.num_classes:
             if args.classes is not None:
                 raise ValueError(f"--classes {args.classes} given, but {n} is unconditional (no class labels)")
@@ -325,15 +347,17 @@ def main(argv=None):
         for y in classes:
             if not 0 <= y < model.config.num_classes:
                 raise ValueError(f"class label {y} is not allowed; {n} has classes 0..{model.config.num_classes - 1}")
+        models[bundled.label(n)] = model
+    for model in models.values():
         for k in ks:
             CacheConfig(method="delta", k=k).check(model)        # k within half the depth, for every model
-        models[bundled.label(n)] = model
     if len(models) != len(names):
         raise ValueError(f"model labels must be distinct, got {names}")
     conditional = {bool(m.config.num_classes) for m in models.values()}
     if len(conditional) > 1:
         raise ValueError("mixing class-conditional and unconditional models in one sweep is not supported")
-    cfg_scale = args.cfg_scale if args.cfg_scale is not None else (3.0 if conditional == {True} else 1.0)
+    default_cfg = 7.5 if captions is not None else 3.0 if conditional == {True} else 1.0
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else default_cfg
     sampler = SamplerConfig(num_steps=args.num_sampling_steps, sampler=args.sampler, cfg_scale=cfg_scale)
     if any(bundled.is_pixel(m) for m in models.values()) and not all(
             bundled.is_pixel(m) for m in models.values()):
@@ -343,11 +367,15 @@ def main(argv=None):
                                 clip_denoised=True)
     t0 = time.time()
     ds = sweep(models, sampler, methods, intervals, ks, windows, seeds, classes, args.per_class,
-               stop_inclusive=args.stop_rule == "le")
+               stop_inclusive=args.stop_rule == "le", captions=captions)
     from ..models import sha256
     paths_ = [bundled.weight_path(n) if n in bundled.BUNDLED else Path(n) for n in names]
     ds.attrs.update(models=",".join(str(n) for n in names), sha256=",".join(sha256(p) for p in paths_),
                     preset=args.preset or "", methods=",".join(methods), seconds_total=time.time() - t0)
+    if captions is not None:
+        ds.attrs.update(caption_embeds=str(args.caption_embeds), caption_sha256=sha256(args.caption_embeds),
+                        captions=len(captions), caption_tokens=captions.shape[1])
+        del ds.attrs["classes"]
     paths = write(ds, out, args.name)
     print(table(ds))
     print(f"{time.time() - t0:.0f}s; wrote " + ", ".join(str(p) for p in paths))

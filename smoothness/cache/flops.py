@@ -1,4 +1,4 @@
-"""Analytic multiply-accumulate (MAC) counts of a DiT or class-to-video Latte forward, per
+"""Analytic multiply-accumulate (MAC) counts of a DiT, Latte or text-to-video Latte forward, per
 component, and what a cache schedule costs.
 
 Counts are per sample (multiply by the batch, CFG doubles it) and include every matrix product:
@@ -10,6 +10,13 @@ same products (it may not see CPU scaled-dot-product attention; see tests/test_f
 video costs F frames of every per-token product; its temporal blocks attend over F frames at each of
 the T positions, and each block computes its adaLN once per row it sees (F or T per sample).
 
+Text-to-video Latte (PixArt-style blocks) has no per-block adaLN Linear: ``adaln_single`` projects
+the timestep embedding to 6H once per sample and each block adds its ``scale_shift_table``. Its
+spatial blocks add cross-attention over the L caption tokens, whose keys and values are projected
+for every frame (the caption is repeated per frame, as in diffusers' Latte), and the captions go
+through ``caption_projection`` once per sample. L is the caption length the model is called with
+(the Latte pipeline pads T5 outputs to 120); the token count is the config's input size.
+
 For DiT-XL/2 at 256 px this gives 118.6 GMACs for the vanilla forward, the "118.6 Gflops" of the DiT
 paper (which counts MACs), and 2 * 256 * 1152^2 = 0.68 GMACs per Skip-DiT fusion.
 """
@@ -19,7 +26,9 @@ from dataclasses import dataclass
 
 import xarray as xr
 
-FREQ_SIZE = 256   # sinusoidal timestep features fed to the timestep MLP (DiT)
+FREQ_SIZE = 256       # sinusoidal timestep features fed to the timestep MLP (DiT)
+CAPTION_TOKENS = 120  # text-to-video caption length L unless told: the Latte pipeline pads T5 outputs to 120
+BRANCH_PARTS = ("attn.", "cross.", "mlp")   # the block components FORA reuses
 
 
 @dataclass(frozen=True)
@@ -35,17 +44,22 @@ class Shape:
     out_channels: int    # C_out (2C with learned sigma)
     fusions: int         # Skip-DiT fusions (units / 2, or 0)
     frames: int = 0      # F for Latte (units are (spatial, temporal) pairs); 0 for DiT (units are blocks)
+    caption_tokens: int = 0     # L for text-to-video models; 0: class- or unconditional
+    caption_channels: int = 0   # width of the caption embeddings (text-to-video)
 
     @classmethod
-    def of(cls, model_or_config) -> "Shape":
+    def of(cls, model_or_config, caption_tokens: int | None = None) -> "Shape":
+        """``caption_tokens``: L of the captions a text-to-video model is called with (default 120)."""
         c = getattr(model_or_config, "config", model_or_config)
-        if hasattr(c, "caption_channels"):
-            raise ValueError("MAC counts cover DiT and class-to-video Latte; text-to-video models "
-                             "(cross-attention over caption tokens) are not counted")
         frames = int(getattr(c, "num_frames", 0) or 0)
         units = c.depth // 2 if frames else c.depth
+        text = int(getattr(c, "caption_channels", 0) or 0)
+        if caption_tokens is not None and not (text and isinstance(caption_tokens, int) and caption_tokens >= 1):
+            raise ValueError(f"caption_tokens={caption_tokens!r} is not allowed; use a positive integer, "
+                             "and only for text-to-video models")
         return cls(c.num_tokens, c.hidden_size, int(c.hidden_size * c.mlp_ratio), c.depth, c.patch_size,
-                   c.in_channels, c.out_channels, units // 2 if c.skips else 0, frames)
+                   c.in_channels, c.out_channels, units // 2 if c.skips else 0, frames,
+                   (caption_tokens or CAPTION_TOKENS) if text else 0, text)
 
     @property
     def units(self) -> int:
@@ -65,43 +79,60 @@ def _block(rows: int, seqs: int, length: int, H: int, M: int, prefix: str) -> di
     }
 
 
+def _cross(frames: int, T: int, L: int, H: int) -> dict[str, int]:
+    """Cross-attention of a spatial text-to-video block: F frames of T queries over L caption tokens."""
+    return {
+        "spatial.cross.q": frames * T * H * H,
+        "spatial.cross.kv": frames * L * H * 2 * H,                # to_k, to_v on the caption, per frame
+        "spatial.cross.scores": frames * T * L * H,
+        "spatial.cross.values": frames * T * L * H,
+        "spatial.cross.proj": frames * T * H * H,
+    }
+
+
 def components(shape: Shape) -> dict[str, int]:
     """MACs per sample of each component, once. DiT's blocks are ``block.*``; Latte's pairs are a
     ``spatial.*`` block (F frames of T tokens, c repeated per frame) and a ``temporal.*`` block (T
     positions of F frames, c repeated per position)."""
     T, H, M, p = shape.tokens, shape.hidden, shape.mlp, shape.patch
-    F = shape.frames or 1
+    F, L = shape.frames or 1, shape.caption_tokens
     blocks = (_block(F, F, T, H, M, "spatial") | _block(T, T, F, H, M, "temporal") if shape.frames
               else _block(1, 1, T, H, M, "block"))
+    if L:                                                        # text-to-video: adaLN-single, cross-attention
+        blocks = {k: v for k, v in blocks.items() if not k.endswith(".adaLN")}
+        blocks.update(_cross(F, T, L, H))
+        conditioning = {"adaln_single": H * 6 * H,                # Linear(H, 6H), once per sample
+                        "caption_projection": L * shape.caption_channels * H + L * H * H}
+        final = {}                                                # scale_shift_table + timestep embedding
+    else:
+        conditioning = {"y_embedder": 0}                          # table lookup
+        final = {"final.adaLN": F * H * 2 * H}
     return {
         "x_embedder": F * T * H * shape.in_channels * p * p,    # conv p x p, stride p, per frame
         "t_embedder": FREQ_SIZE * H + H * H,                     # Linear(256, H), Linear(H, H)
-        "y_embedder": 0,                                         # table lookup
+        **conditioning,
         **blocks,
         "fusion": F * T * 2 * H * H,                             # Linear(2H, H) on cat[deep, skip]
-        "final.adaLN": F * H * 2 * H,
+        **final,
         "final.linear": F * T * H * p * p * shape.out_channels,
     }
 
 
-def block_macs(shape: Shape, attn: bool = True, mlp: bool = True) -> int:
+def block_macs(shape: Shape, branches: bool = True) -> int:
     """MACs per sample of one unit (a DiT block, or a Latte (spatial, temporal) pair); without
-    ``attn`` / ``mlp`` that branch is reused (FORA)."""
-    c = components(shape)
+    ``branches`` the attention, cross-attention and MLP outputs are reused (FORA)."""
     out = 0
-    for kind in (("spatial", "temporal") if shape.frames else ("block",)):
-        out += c[f"{kind}.adaLN"]
-        if attn:
-            out += sum(c[f"{kind}.attn.{part}"] for part in ("qkv", "scores", "values", "proj"))
-        if mlp:
-            out += c[f"{kind}.mlp"]
+    for name, macs in components(shape).items():
+        kind, _, part = name.partition(".")
+        if kind in ("block", "spatial", "temporal") and (branches or not part.startswith(BRANCH_PARTS)):
+            out += macs
     return out
 
 
 def call_macs(shape: Shape, method: str = "none", k: int = 0, full: bool = True) -> int:
     """MACs per sample of one model call under ``method`` (full or cached); ``k`` counts units."""
     c = components(shape)
-    always = c["x_embedder"] + c["t_embedder"] + c["final.adaLN"] + c["final.linear"]
+    always = sum(v for name, v in c.items() if name.partition(".")[0] not in ("block", "spatial", "temporal", "fusion"))
     U, B = shape.units, block_macs(shape)
     fuse = lambda n: n * c["fusion"] if shape.fusions else 0
     if full or method == "none":
@@ -113,14 +144,15 @@ def call_macs(shape: Shape, method: str = "none", k: int = 0, full: bool = True)
     if method == "delta":
         return always + 2 * k * B + fuse(k)
     if method == "fora":
-        return always + U * block_macs(shape, attn=False, mlp=False) + fuse(shape.fusions)
+        return always + U * block_macs(shape, branches=False) + fuse(shape.fusions)
     raise ValueError(f"unknown method {method!r}; allowed: skip-cache, deep-reuse, delta, fora, none")
 
 
-def schedule_cost(model_or_config, config, timesteps, batch: int = 1) -> xr.Dataset:
+def schedule_cost(model_or_config, config, timesteps, batch: int = 1, caption_tokens: int | None = None) -> xr.Dataset:
     """Per-step MACs of ``config`` (a ``CacheConfig``) over a chain, and its theoretical speedup
-    against the same model uncached. ``batch`` counts rows per call (CFG doubles it)."""
-    shape = Shape.of(model_or_config)
+    against the same model uncached. ``batch`` counts rows per call (CFG doubles it);
+    ``caption_tokens`` is L for text-to-video models (default 120)."""
+    shape = Shape.of(model_or_config, caption_tokens)
     sched = config.schedule(timesteps)
     per_step = [batch * call_macs(shape, config.method, config.k, f) for f in sched.full]
     base = batch * call_macs(shape)
@@ -135,12 +167,13 @@ def schedule_cost(model_or_config, config, timesteps, batch: int = 1) -> xr.Data
     return ds
 
 
-def theoretical_speedup(model_or_config, config, timesteps) -> float:
-    return float(schedule_cost(model_or_config, config, timesteps).attrs["theoretical_speedup"])
+def theoretical_speedup(model_or_config, config, timesteps, caption_tokens: int | None = None) -> float:
+    return float(schedule_cost(model_or_config, config, timesteps, caption_tokens=caption_tokens
+                               ).attrs["theoretical_speedup"])
 
 
-def table(model_or_config) -> xr.DataArray:
+def table(model_or_config, caption_tokens: int | None = None) -> xr.DataArray:
     """MACs per sample of each component, labelled; dims ("component",)."""
-    comps = components(Shape.of(model_or_config))
+    comps = components(Shape.of(model_or_config, caption_tokens))
     return xr.DataArray(list(comps.values()), dims=("component",), coords={"component": list(comps)},
                         name="macs", attrs={"long_name": "multiply-accumulates per sample, once", "units": "MAC"})
