@@ -27,7 +27,7 @@ from .cli import run_cli
 from .diffusion import Diffusion, SamplerConfig
 from .io_utils import atomic_path, check_writable
 from .models import bundled
-from .models.latte_t2v import load_caption_embeds
+from .models.captions import load_caption_embeds
 
 
 def generate(model, classes: list[int], per_class: int, config: SamplerConfig, seed: int) -> torch.Tensor:

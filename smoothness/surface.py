@@ -25,7 +25,7 @@ from . import chain, hooks, similarity
 from .diffusion import Diffusion, SamplerConfig
 from .engine import GridEngine, Perturbation
 from .evaluation import EVALUATIONS, chain_inputs, local, readout_sites, trajectory
-from .models.latte_t2v import load_caption_embeds
+from .models.captions import load_caption_embeds
 from .perturb import Axis
 
 

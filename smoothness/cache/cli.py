@@ -29,7 +29,7 @@ from .. import chain, metrics
 from ..cli import add_model_args, parse_int_list, run_cli
 from ..diffusion import Diffusion, SamplerConfig
 from ..io_utils import atomic_path, check_writable, versions
-from ..models.latte_t2v import load_caption_embeds
+from ..models.captions import load_caption_embeds
 from . import flops
 from .schedule import preset
 from .skip_cache import METHODS, CacheConfig, apply_cache
