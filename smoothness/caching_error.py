@@ -87,15 +87,15 @@ def caching_errors(models, cfg: CorrelateConfig, log=None) -> xr.DataArray:
     diffusion = Diffusion.for_config(cfg.sampler)
     steps, seeds = cfg.steps, list(cfg.surface.seeds)
     out = np.full((len(entries), len(steps), len(seeds), len(ERRORS)), np.nan)
-    caches = {}
+    caches, captions = {}, chain.load_captions(cfg.surface.caption_embeds)
     for e in entries:                                                  # validate before any work
         caches[e.label] = CacheConfig(method=cfg.method_for(e.model), k=cfg.k)
         caches[e.label].check(e.model)
-        chain.labels(e.model, cfg.surface.class_label)
+        chain.labels(e.model, cfg.surface.class_label, who=e.label, captions=captions)
     for m, e in enumerate(entries):
         model, cache = e.model.eval(), caches[e.label]
-        device, _ = chain.model_device_dtype(model)
-        y = chain.labels(model, cfg.surface.class_label, 1, device)
+        device, dtype = chain.model_device_dtype(model)
+        y = chain.labels(model, cfg.surface.class_label, 1, device, captions=captions, dtype=dtype)
         need = set(steps) | {s - cfg.lag for s in steps} | {cfg.window_of(s)[0] - 1 for s in steps}
         at = lambda step: torch.full((1,), diffusion.timestep_of(step), dtype=torch.long, device=device)
         for j, seed in enumerate(seeds):
@@ -104,7 +104,8 @@ def caching_errors(models, cfg: CorrelateConfig, log=None) -> xr.DataArray:
             torch.randn((1, *model.sample_shape()), generator=after_x_T)
             x_t, outs, noise = {}, {}, {1: after_x_T.get_state()}    # noise[j]: generator state entering step j
             with torch.inference_mode():
-                for rec in chain.reference_chain(model, diffusion, cfg.sampler, seed, cfg.surface.class_label, g):
+                for rec in chain.reference_chain(model, diffusion, cfg.sampler, seed, cfg.surface.class_label, g,
+                                                 captions=captions):
                     if rec.step in need:
                         x_t[rec.step], outs[rec.step] = rec.x_t, rec.model_output
                     if rec.step + 1 in need:

@@ -56,16 +56,31 @@ def tile(y: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return None if y is None else y.repeat(n, *([1] * (y.dim() - 1)))
 
 
+def load_captions(path: str) -> torch.Tensor | None:
+    """The caption embeddings in ``path`` (a config's ``caption_embeds``), or None for no path."""
+    if not path:
+        return None
+    from .models.captions import load_caption_embeds
+    return load_caption_embeds(path)
+
+
+def caption_attrs(path: str) -> dict:
+    """attrs naming a caption embedding file and its checksum (empty strings without one)."""
+    from .models import sha256
+    return {"caption_embeds": str(path or ""), "caption_sha256": sha256(path) if path else ""}
+
+
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters())
     return p.device, p.dtype
 
 
 def reference_chain(model, diffusion: Diffusion, sampler: SamplerConfig, seed: int, class_label: int,
-                    generator: torch.Generator | None = None) -> Iterator[Step]:
-    """The uncached chain of one seed, batch 1, in the model's own device and dtype."""
+                    generator: torch.Generator | None = None, captions: torch.Tensor | None = None) -> Iterator[Step]:
+    """The uncached chain of one seed, batch 1, in the model's own device and dtype (``captions``:
+    one caption's embeddings, for a text-to-video model)."""
     device, dtype = model_device_dtype(model)
-    y = labels(model, class_label, 1, device)
+    y = labels(model, class_label, 1, device, captions=captions, dtype=dtype)
     g = generator if generator is not None else torch.Generator().manual_seed(int(seed))
     return diffusion.sample_steps(model, (1, *model.sample_shape()), y, sampler, generator=g, device=device,
                                   dtype=dtype)

@@ -186,7 +186,8 @@ def compute(entries, cfg: CorrelateConfig = CorrelateConfig(), *, surfaces: xr.D
                     surface_metric=surfaces.attrs.get("metric", ""), surface_mode=surfaces.attrs.get("mode", ""),
                     grid_alpha=cfg.surface.alpha, grid_beta=cfg.surface.beta,
                     direction_seed=cfg.surface.perturbation.directions.seed,
-                    **chain.sampler_attrs(cfg.sampler), **chain.provenance(entries), **corr.attrs)
+                    **chain.sampler_attrs(cfg.sampler), **chain.provenance(entries), **corr.attrs,
+                    **chain.caption_attrs(cfg.surface.caption_embeds))
     return ds
 
 
@@ -265,6 +266,9 @@ def _parser():
     a("--cfg-scale", type=float, default=s.sampler.cfg_scale, help=f"guidance >= 1 (default: {s.sampler.cfg_scale})")
     a("--seeds", default=",".join(map(str, s.seeds)), help=f"chain seeds (default: {','.join(map(str, s.seeds))})")
     a("--class-label", type=int, default=s.class_label, help=f"(default: {s.class_label})")
+    a("--caption-embeds", default=s.caption_embeds, metavar="FILE",
+      help="text-to-video checkpoints: one caption's embeddings (L, C) or (1, L, C), .pt or .safetensors, "
+           "conditioning every chain (default: none)")
     a("--grid", default=s.alpha, help=f"min:max:count of alpha and beta (default: {s.alpha})")
     a("--direction-seed", type=int, default=s.perturbation.directions.seed,
       help=f"seed of the surface directions (default: {s.perturbation.directions.seed})")
@@ -302,7 +306,8 @@ def config_from_args(args) -> CorrelateConfig:
     pert = replace(d.surface.perturbation, directions=DirectionSpec(seed=args.direction_seed))
     surf = SurfaceConfig(steps=tuple(sorted(set(parse_int_list(args.steps, "--steps")))), sampler=sampler,
                          alpha=args.grid, beta=args.grid, perturbation=pert,
-                         seeds=tuple(parse_int_list(args.seeds, "--seeds")), class_label=args.class_label)
+                         seeds=tuple(parse_int_list(args.seeds, "--seeds")), class_label=args.class_label,
+                         caption_embeds=args.caption_embeds)
     return CorrelateConfig(surface=surf, method=args.method, k=args.k, lag=args.lag, window=args.window,
                            n_resamples=args.resamples, confidence=args.confidence, bootstrap_seed=args.bootstrap_seed)
 
@@ -332,9 +337,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     names = (args.model or []) + (args.ckpt or []) or list(bundled.DEFAULT_PAIR)
     entries = load_entries(names, args.num_heads)
+    captions = chain.load_captions(cfg.surface.caption_embeds)
     for e in entries:                                                  # validate before any work
         CacheConfig(method=cfg.method_for(e.model), k=cfg.k).check(e.model)
-        chain.labels(e.model, cfg.surface.class_label)
+        chain.labels(e.model, cfg.surface.class_label, who=e.label, captions=captions)
     t0 = time.time()
     work = (names, [args.num_heads] * len(names), [cfg] * len(names), [args.threads] * len(names))
     if min(args.jobs, len(names)) > 1:                                 # one process per model

@@ -41,6 +41,7 @@ class DynamicsConfig:
     seeds: tuple[int, ...] = (0,)   # one chain per seed: x_T and sampler noise
     class_label: int = 0            # ignored by unconditional models
     sites: str = "blocks.*"         # which outputs; any site pattern of smoothness.hooks
+    caption_embeds: str = ""        # text-to-video models: file with the one caption every chain is conditioned on
 
     def __post_init__(self):
         chain.check_seeds(self.seeds)
@@ -84,11 +85,11 @@ def compute(models, cfg: DynamicsConfig = DynamicsConfig(), log=None) -> xr.Data
     ``timestep`` and ``timestep_prev``. ``models``: {label: model} or a list of entries."""
     entries = chain.as_entries(models)
     diffusion = Diffusion.for_config(cfg.sampler)
-    sites = {}
+    sites, captions = {}, chain.load_captions(cfg.caption_embeds)
     for e in entries:                                                  # validate before any work
         sites[e.label] = hooks.resolve_sites(e.model, cfg.sites)
         [_site_index(s) for s in sites[e.label]]
-        chain.labels(e.model, cfg.class_label)
+        chain.labels(e.model, cfg.class_label, who=e.label, captions=captions)
     blocks = sorted({_site_index(s) for v in sites.values() for s in v})
     steps = list(range(2, cfg.sampler.num_steps + 1))
     data = np.full((len(entries), len(METRICS), len(blocks), len(steps), len(cfg.seeds)), np.nan)
@@ -102,7 +103,7 @@ def compute(models, cfg: DynamicsConfig = DynamicsConfig(), log=None) -> xr.Data
         for j, seed in enumerate(cfg.seeds):
             track = _Tracker()
             with torch.inference_mode(), hooks.inject(model, {s: track for s in sites[e.label]}):
-                for _ in chain.reference_chain(model, diffusion, cfg.sampler, seed, cfg.class_label):
+                for _ in chain.reference_chain(model, diffusion, cfg.sampler, seed, cfg.class_label, captions=captions):
                     pass
             for (site, step), vals in track.values.items():
                 data[m, :, blocks.index(_site_index(site)), step - 2, j] = vals
@@ -126,7 +127,8 @@ def compute(models, cfg: DynamicsConfig = DynamicsConfig(), log=None) -> xr.Data
                 "seed": list(cfg.seeds)})
     ds.attrs.update(title="feature dynamics", config=cfg.to_json(), sites=cfg.sites, seeds=json.dumps(list(cfg.seeds)),
                     class_label=cfg.class_label, flatten="sample (all non-batch dims), conditional half",
-                    **chain.sampler_attrs(cfg.sampler), **chain.provenance(entries))
+                    **chain.sampler_attrs(cfg.sampler), **chain.provenance(entries),
+                    **chain.caption_attrs(cfg.caption_embeds))
     return ds
 
 

@@ -48,6 +48,7 @@ class SpectralConfig:
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(num_steps=250, clip_denoised=True))
     seeds: tuple[int, ...] = (0,)       # one chain per seed; its x_t at each step gives the features
     class_label: int = 0                # ignored by unconditional models
+    caption_embeds: str = ""            # text-to-video models: file with the one caption every chain is conditioned on
     maps: tuple[str, ...] = MAPS        # which maps to measure
     solver: str = "lanczos"             # lanczos (power iteration's Krylov space, Rayleigh-Ritz) | power
     iterations: int = 100               # most J^T J products per map
@@ -214,8 +215,9 @@ def compute(models, cfg: SpectralConfig = SpectralConfig(), log=None) -> xr.Data
     seed) and the iterations each used (``iterations_*``). ``models``: {label: model} or entries."""
     entries = chain.as_entries(models)
     diffusion = Diffusion.for_config(cfg.sampler)
-    for e in entries:
-        chain.labels(e.model, cfg.class_label)
+    captions = chain.load_captions(cfg.caption_embeds)
+    for e in entries:                                                  # validate before any work
+        chain.labels(e.model, cfg.class_label, who=e.label, captions=captions)
     steps, seeds = sorted(cfg.steps), list(cfg.seeds)
     n_units = max(e.model.num_units for e in entries)
     size = {"block": (len(entries), n_units, len(steps), len(seeds)), "unit": (len(entries), n_units, len(steps), len(seeds)),
@@ -224,12 +226,12 @@ def compute(models, cfg: SpectralConfig = SpectralConfig(), log=None) -> xr.Data
     its = {k: np.full(size[k], -1) for k in cfg.maps}
     for m, e in enumerate(entries):
         model = e.model.eval()
-        device, _ = chain.model_device_dtype(model)
-        y = chain.labels(model, cfg.class_label, 1, device)
+        device, dtype = chain.model_device_dtype(model)
+        y = chain.labels(model, cfg.class_label, 1, device, captions=captions, dtype=dtype)
         for j, seed in enumerate(seeds):
             xs = {}
             with torch.inference_mode():
-                for rec in chain.reference_chain(model, diffusion, cfg.sampler, seed, cfg.class_label):
+                for rec in chain.reference_chain(model, diffusion, cfg.sampler, seed, cfg.class_label, captions=captions):
                     if rec.step in steps:
                         xs[rec.step] = rec.x_t.clone()
                     if rec.step >= steps[-1]:
@@ -276,7 +278,8 @@ def _dataset(entries, cfg, diffusion, steps, seeds, n_units, sig, its) -> xr.Dat
     ds.attrs.update(title="Jacobian spectral norms", config=cfg.to_json(), iterations=cfg.iterations, tol=cfg.tol,
                     power_seed=cfg.power_seed, solver=cfg.solver, jvp=cfg.jvp, seeds=json.dumps(seeds), class_label=cfg.class_label,
                     maps=",".join(cfg.maps), method=f"{cfg.solver} iteration on J^T J (torch.func vjp, J v by {cfg.jvp} mode), math attention",
-                    **chain.sampler_attrs(cfg.sampler), **chain.provenance(entries))
+                    **chain.sampler_attrs(cfg.sampler), **chain.provenance(entries),
+                    **chain.caption_attrs(cfg.caption_embeds))
     return ds
 
 

@@ -136,6 +136,7 @@ def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | No
     from tqdm.auto import tqdm
 
     from .io import save
+    log = log or (lambda *_: None)
     ds = resume_from.copy(deep=True) if resume_from is not None else empty_dataset(entries, cfg)
     diffusion = Diffusion.for_config(cfg.sampler)
     points = _grid_points(cfg)

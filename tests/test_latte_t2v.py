@@ -393,6 +393,33 @@ def test_cache_sweep_cli_text_to_video(tmp_path, capsys):
                                 "--out", str(tmp_path)]) == 2
 
 
+def test_dynamics_spectral_and_correlation_take_a_caption(tiny4, tmp_path):
+    """The analysis tools condition every chain on one caption file, record it, and refuse a
+    text-to-video model without one."""
+    from smoothness import correlate, dynamics, spectral
+    from smoothness.correlate import CorrelateConfig
+    from smoothness.surface import SurfaceConfig
+    g = torch.Generator().manual_seed(5)
+    torch.save(torch.randn(4, 12, generator=g), tmp_path / "a.pt")
+    torch.save(torch.randn(4, 12, generator=g), tmp_path / "b.pt")
+    a, b = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
+    sampler = SamplerConfig(num_steps=4, sampler="ddim", cfg_scale=3.0)
+    dyn = lambda cap: dynamics.compute({"t2v": tiny4}, dynamics.DynamicsConfig(sampler=sampler, caption_embeds=cap))
+    with_a = dyn(a)
+    assert np.isfinite(with_a.change.values).all() and len(with_a.attrs["caption_sha256"]) == 64
+    assert not np.allclose(with_a.change.values, dyn(b).change.values)      # the caption conditions the chain
+    with pytest.raises(ValueError, match="text-to-video model"):
+        dyn("")
+    spec = spectral.compute({"t2v": tiny4}, spectral.SpectralConfig(steps=(2,), sampler=sampler, maps=("unit",),
+                                                                    iterations=4, caption_embeds=a))
+    assert np.isfinite(spec.sigma_unit.values).all() and spec.attrs["caption_embeds"] == a
+    surf = SurfaceConfig(steps=(2, 3), sampler=sampler, alpha="-0.2:0.2:3", beta="-0.2:0.2:3", seeds=(0, 1),
+                         caption_embeds=a)
+    ds = correlate.compute({"t2v": tiny4}, CorrelateConfig(surface=surf, k=1, window=1, n_resamples=10), log=None)
+    assert np.isfinite(ds.caching_error.values).all() and ds.attrs["caption_sha256"] == with_a.attrs["caption_sha256"]
+    assert run_cli(correlate.main, ["--model", "digits-dit", "--caption-embeds", a, "--out", str(tmp_path)]) == 2
+
+
 def test_block_patterns_select_through_the_block_paths(tiny4):
     from smoothness.perturb import DirectionSpec, select_parameters
     names = [n for n, p in tiny4.named_parameters() if p.requires_grad and p.dim() > 1]
