@@ -64,6 +64,15 @@ def load_captions(path: str) -> torch.Tensor | None:
     return load_caption_embeds(path)
 
 
+def check_captions_for(model, captions: torch.Tensor | None, who: str):
+    """A CLI's caption file goes with text-to-video models, and only with them; its shape must fit."""
+    if is_text(model) != (captions is not None):
+        raise ValueError(f"{who} is a text-to-video model: pass --caption-embeds" if captions is None else
+                         f"--caption-embeds is for text-to-video checkpoints; {who} is not one")
+    if captions is not None:
+        model.check_captions(captions)
+
+
 def caption_attrs(path: str) -> dict:
     """attrs naming a caption embedding file and its checksum (empty strings without one)."""
     from .models import sha256

@@ -79,7 +79,7 @@ def local(entry: ModelEntry, cfg: SurfaceConfig, diffusion: Diffusion, inputs, y
                    for step in steps])
     rows = x.shape[0] * (2 if cfg.sampler.cfg_scale != 1.0 else 1)
     col = Collector(readout_sites(cfg.readouts), None, g, rows, x.shape[0],
-                     shared_sites(entry.model, cfg.perturbation, readout_sites(cfg.readouts)))
+                    shared_sites(entry.model, cfg.perturbation, readout_sites(cfg.readouts)))
     with hooks.inject(entry.model, {s: col.hook for s in readout_sites(cfg.readouts)}):
         out = engine.forward(x, t, chain.tile(y1, len(steps) * n), coef, cfg.sampler.cfg_scale,
                              cfg.sampler.cfg_channels)

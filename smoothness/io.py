@@ -12,18 +12,12 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from . import chain
 from .io_utils import atomic_path, versions
 
 DIMS = ("model", "step", "readout", "seed", "alpha", "beta")
 REQUIRED_ATTRS = ("config", "metric", "mode", "direction_seed", "norm", "params", "grid_alpha", "grid_beta",
                   "chain", "models", "model_sha256", "versions")
-
-
-def _file_sha256(path: str) -> str:
-    if not path:
-        return ""
-    from .models import sha256
-    return sha256(Path(path))
 
 
 def surface_attrs(entries, cfg) -> dict:
@@ -45,8 +39,7 @@ def surface_attrs(entries, cfg) -> dict:
         "chain": f"{cfg.sampler.sampler.upper()}-{cfg.sampler.num_steps}",
         "cfg_scale": cfg.sampler.cfg_scale,
         "class_label": cfg.class_label,
-        "caption_embeds": cfg.caption_embeds,
-        "caption_sha256": _file_sha256(cfg.caption_embeds),
+        **chain.caption_attrs(cfg.caption_embeds),
         "seeds": json.dumps(list(cfg.seeds)),
         "dtype": cfg.dtype,
         "models": json.dumps({e.label: e.source for e in entries}),

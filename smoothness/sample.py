@@ -27,7 +27,6 @@ from .cli import run_cli
 from .diffusion import Diffusion, SamplerConfig
 from .io_utils import atomic_path, check_writable
 from .models import bundled
-from .models.captions import load_caption_embeds
 
 
 def generate(model, classes: list[int], per_class: int, config: SamplerConfig, seed: int) -> torch.Tensor:
@@ -154,16 +153,12 @@ def main(argv=None):
             _check_scorable(model, n)
         if not model.config.num_classes and args.classes is not None:
             raise ValueError(f"--classes {args.classes} given, but {n} is unconditional (no class labels)")
-    captions = load_caption_embeds(args.caption_embeds) if args.caption_embeds else None
-    negative = load_caption_embeds(args.negative_embeds) if args.negative_embeds else None
+    captions, negative = chain.load_captions(args.caption_embeds), chain.load_captions(args.negative_embeds)
     if negative is not None and captions is None:
         raise ValueError("--negative-embeds needs --caption-embeds")
     for name, model in models:
-        if chain.is_text(model) != (captions is not None):
-            raise ValueError(f"{name} is a text-to-video model: pass --caption-embeds" if captions is None else
-                             f"--caption-embeds is for text-to-video checkpoints; {name} is not one")
+        chain.check_captions_for(model, captions, name)
         if captions is not None:
-            model.check_captions(captions)
             model.set_negative_embeds(negative)
     for name, model in models:
         model_config = config if bundled.is_pixel(model) else SamplerConfig(

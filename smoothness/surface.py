@@ -25,7 +25,6 @@ from . import chain, hooks, similarity
 from .diffusion import Diffusion, SamplerConfig
 from .engine import GridEngine, Perturbation
 from .evaluation import EVALUATIONS, chain_inputs, local, readout_sites, trajectory
-from .models.captions import load_caption_embeds
 from .perturb import Axis
 
 
@@ -147,7 +146,7 @@ def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | No
     cells = values.reshape(*values.shape[:4], -1)            # a view: grid points flattened, as ``points``
     done = lambda m, chunk: not np.isnan(cells[m][..., chunk]).any()
     bar = tqdm(total=len(entries) * len(chunks), disable=not progress, desc="surface", unit="chunk")
-    captions = load_caption_embeds(cfg.caption_embeds) if cfg.caption_embeds else None
+    captions = chain.load_captions(cfg.caption_embeds)
     for m, e in enumerate(entries):
         if all(done(m, chunk) for chunk in chunks):
             bar.update(len(chunks))
@@ -259,8 +258,9 @@ def _parser():
     a("--cfg-scale", type=float, default=d.sampler.cfg_scale, help=f"guidance >= 1 (default: {d.sampler.cfg_scale})")
     a("--device", default=d.device, help=f"(default: {d.device})")
     a("--dtype", choices=list(DTYPES), default=d.dtype, help=f"(default: {d.dtype})")
-    a("--batch-size", type=int, default=d.batch_size, help=f"grid points per forward; in local mode each point carries every step's and seed's x_t "
-                         f"(x2 with CFG) as rows (default: {d.batch_size})")
+    a("--batch-size", type=int, default=d.batch_size,
+      help=f"grid points per forward; in local mode each point carries every step's and seed's x_t "
+           f"(x2 with CFG) as rows (default: {d.batch_size})")
     a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
     a("--name", default="surface", help="file stem inside --out (default: surface)")
     a("--resume", action="store_true", help="continue from <out>/<name>.partial.nc")
@@ -335,7 +335,7 @@ def main(argv=None):
     out = check_writable(args.out)
     names = (args.model or []) + (args.ckpt or []) or list(bundled.DEFAULT_PAIR)
     entries = load_entries(names, args.num_heads)
-    captions = load_caption_embeds(cfg.caption_embeds) if cfg.caption_embeds else None
+    captions = chain.load_captions(cfg.caption_embeds)
     for e in entries:                                   # validate every condition and site before any work
         chain.labels(e.model, cfg.class_label, 1, who=e.label, captions=captions)
         if cfg.perturbation.mode == "weights":

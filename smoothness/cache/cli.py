@@ -29,7 +29,6 @@ from .. import chain, metrics
 from ..cli import add_model_args, parse_int_list, run_cli
 from ..diffusion import Diffusion, SamplerConfig
 from ..io_utils import atomic_path, check_writable, versions
-from ..models.captions import load_caption_embeds
 from . import flops
 from .schedule import preset
 from .skip_cache import METHODS, CacheConfig, apply_cache
@@ -323,15 +322,12 @@ def main(argv=None):
         CacheConfig(interval=n, k=k, t_stop=stop, t_start=start)
     out = check_writable(args.out)
     names = (args.model or []) + (args.ckpt or []) or list(bundled.DEFAULT_PAIR)
-    captions = load_caption_embeds(args.caption_embeds) if args.caption_embeds else None
+    captions = chain.load_captions(args.caption_embeds)
     models = {}
     for n in names:
         model = bundled.load(n, num_heads=args.num_heads).eval()
-        if chain.is_text(model) != (captions is not None):
-            raise ValueError(f"{n} is a text-to-video model: pass --caption-embeds" if captions is None else
-                             f"--caption-embeds is for text-to-video checkpoints; {n} is not one")
+        chain.check_captions_for(model, captions, n)
         if captions is not None:
-            model.check_captions(captions)
             if args.classes is not None:
                 raise ValueError(f"--classes {args.classes} given, but {n} is conditioned on captions, not classes")
             models[bundled.label(n)] = model
@@ -373,8 +369,8 @@ def main(argv=None):
     ds.attrs.update(models=",".join(str(n) for n in names), sha256=",".join(sha256(p) for p in paths_),
                     preset=args.preset or "", methods=",".join(methods), seconds_total=time.time() - t0)
     if captions is not None:
-        ds.attrs.update(caption_embeds=str(args.caption_embeds), caption_sha256=sha256(args.caption_embeds),
-                        captions=len(captions), caption_tokens=captions.shape[1])
+        ds.attrs.update(**chain.caption_attrs(args.caption_embeds), captions=len(captions),
+                        caption_tokens=captions.shape[1])
         del ds.attrs["classes"]
     paths = write(ds, out, args.name)
     print(table(ds))
