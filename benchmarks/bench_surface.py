@@ -27,9 +27,9 @@ import time
 
 import torch
 
-from smoothness.engine import GridEngine, Perturbation
+from smoothness.surface.engine import GridEngine, Perturbation
 from smoothness.models import build
-from smoothness.perturb import DirectionSpec, directions
+from smoothness.surface.perturb import DirectionSpec, directions
 
 
 def _median_time(fn, repeats):

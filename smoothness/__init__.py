@@ -1,2 +1,16 @@
-"""smoothness: feature-smoothness surfaces and Skip-Cache for Diffusion Transformers."""
+"""smoothness: feature-smoothness surfaces and Skip-Cache for Diffusion Transformers.
+
+Where things live (imports go downward only; ``tests/test_layers.py`` keeps it so):
+
+    util      cli, io_utils                                   flag helpers, atomic files
+    core      models/, diffusion, hooks, chain, data/, metrics  models, sampling, sites, fidelity
+    engines   surface/, cache/                                 perturbation surfaces; cached inference
+    analysis  analysis/                                        caching error, correlation, dynamics, spectra
+    plots     plots/                                           drawing from data only
+    apps      figures, */cli.py, */__main__.py, data/train.py, data/sample.py   the commands
+"""
 __version__ = "0.1.0"
+
+from . import _moved  # noqa: E402  (after the version: io_utils reads it)
+
+_moved.install()

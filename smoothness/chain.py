@@ -8,13 +8,19 @@ models without classes (``config.num_classes == 0``) are called with ``y=None``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
 from .diffusion import Diffusion, SamplerConfig, Step
+from .io_utils import versions
+from .models import Captions, ModelEntry, as_entries, caption_attrs
+
+__all__ = ["Captions", "ModelEntry", "as_entries", "at_steps", "caption_attrs", "check_captions_for", "check_seeds",
+           "check_steps", "config_json", "embeds", "is_text", "labels", "model_device_dtype", "num_classes", "provenance",
+           "reference_chain", "sampler_attrs", "tile"]
 
 
 def num_classes(model) -> int:
@@ -26,11 +32,17 @@ def is_text(model) -> bool:
     return hasattr(model, "check_captions")
 
 
+def embeds(captions: Captions | torch.Tensor | None) -> torch.Tensor | None:
+    """The caption tensor of ``Captions`` (a tensor or None passes through)."""
+    return captions.embeds if isinstance(captions, Captions) else captions
+
+
 def labels(model, class_label: int, n: int = 1, device=None, who: str = "this model",
-           captions: torch.Tensor | None = None, dtype=None) -> torch.Tensor | None:
+           captions: Captions | torch.Tensor | None = None, dtype=None) -> torch.Tensor | None:
     """The condition of n rows: (n,) labels for a class-conditional model, None for an unconditional
     one, and ``captions`` (one caption, (1, L, C)) repeated to (n, L, C) for a text-to-video model.
     ``who`` names the model in the errors."""
+    captions = embeds(captions)
     if is_text(model):
         if captions is None:
             raise ValueError(f"{who} is a text-to-video model: give one caption's embeddings "
@@ -56,27 +68,14 @@ def tile(y: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return None if y is None else y.repeat(n, *([1] * (y.dim() - 1)))
 
 
-def load_captions(path: str) -> torch.Tensor | None:
-    """The caption embeddings in ``path`` (a config's ``caption_embeds``), or None for no path."""
-    if not path:
-        return None
-    from .models.captions import load_caption_embeds
-    return load_caption_embeds(path)
-
-
-def check_captions_for(model, captions: torch.Tensor | None, who: str):
+def check_captions_for(model, captions: Captions | torch.Tensor | None, who: str):
     """A CLI's caption file goes with text-to-video models, and only with them; its shape must fit."""
+    captions = embeds(captions)
     if is_text(model) != (captions is not None):
         raise ValueError(f"{who} is a text-to-video model: pass --caption-embeds" if captions is None else
                          f"--caption-embeds is for text-to-video checkpoints; {who} is not one")
     if captions is not None:
         model.check_captions(captions)
-
-
-def caption_attrs(path: str) -> dict:
-    """attrs naming a caption embedding file and its checksum (empty strings without one)."""
-    from .models import sha256
-    return {"caption_embeds": str(path or ""), "caption_sha256": sha256(path) if path else ""}
 
 
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
@@ -85,7 +84,8 @@ def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
 
 
 def reference_chain(model, diffusion: Diffusion, sampler: SamplerConfig, seed: int, class_label: int,
-                    generator: torch.Generator | None = None, captions: torch.Tensor | None = None) -> Iterator[Step]:
+                    generator: torch.Generator | None = None,
+                    captions: Captions | torch.Tensor | None = None) -> Iterator[Step]:
     """The uncached chain of one seed, batch 1, in the model's own device and dtype (``captions``:
     one caption's embeddings, for a text-to-video model)."""
     device, dtype = model_device_dtype(model)
@@ -111,39 +111,48 @@ def check_seeds(seeds):
         raise ValueError(f"seeds {list(seeds)} repeat; give each seed once")
 
 
-@dataclass
-class Labelled:
-    """A model with the label it gets on the ``model`` dim, and where it came from."""
-
-    label: str
-    model: torch.nn.Module
-    source: str = ""
-    sha256: str = ""
-
-
-def as_entries(models) -> list:
-    """Accept ``{label: model}``, a list of ``surface.ModelEntry`` or of ``Labelled``; labels distinct."""
-    if isinstance(models, dict):
-        out = [Labelled(str(k), m) for k, m in models.items()]
-    else:
-        out = list(models)
-    if not out:
-        raise ValueError("no models given")
-    names = [e.label for e in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"model labels must be distinct, got {names}")
-    return out
-
-
 def provenance(entries) -> dict:
     """attrs naming every model's source and checksum (JSON strings, netCDF-safe)."""
-    from .io_utils import versions
     return {"models": json.dumps({e.label: getattr(e, "source", "") for e in entries}),
             "model_sha256": json.dumps({e.label: getattr(e, "sha256", "") for e in entries}),
             "versions": json.dumps(versions())}
 
 
 def sampler_attrs(sampler: SamplerConfig) -> dict:
-    return {"chain": f"{sampler.sampler.upper()}-{sampler.num_steps}", "cfg_scale": sampler.cfg_scale,
+    return {"chain": sampler.label, "cfg_scale": sampler.cfg_scale,
             "cfg_channels": -1 if sampler.cfg_channels is None else sampler.cfg_channels,
             "clip_denoised": int(sampler.clip_denoised), "eta": sampler.eta}
+
+
+def at_steps(records: Iterable[Step], steps) -> Iterator[Step]:
+    """The records of a chain at the requested steps, stopping after the last of them (the one
+    "run the chain and keep what it has at these steps" loop every tool shares)."""
+    want, last = set(steps), max(steps)
+    for rec in records:
+        if rec.step in want:
+            yield rec
+        if rec.step >= last:
+            return
+
+
+CAPTION_FIELDS = ("caption_embeds", "captions")
+
+
+def _plain(value, name: str = ""):
+    if isinstance(value, Captions):
+        return value.source
+    if value is None and name in CAPTION_FIELDS:
+        return ""                                    # no captions: the empty file name
+    if hasattr(value, "spelling"):                   # a grid axis: its "min:max:count"
+        return value.spelling
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name), f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_json(cfg) -> str:
+    """A frozen config as JSON for a result's attributes: nested configs as objects, grid axes in
+    their ``min:max:count`` spelling, captions by file (their sha256 is recorded beside)."""
+    return json.dumps(_plain(cfg), sort_keys=True)

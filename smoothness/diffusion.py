@@ -74,6 +74,16 @@ class SamplerConfig:
     def spacing(self) -> str:
         return f"ddim{self.num_steps}" if self.sampler == "ddim" else str(self.num_steps)
 
+    @property
+    def label(self) -> str:
+        """The chain's name in attributes and titles, e.g. ``DDPM-250``."""
+        return chain_label(self.sampler, self.num_steps)
+
+
+def chain_label(sampler: str, num_steps: int) -> str:
+    """``DDPM-250``: the one spelling of a sampler chain's name (also for names read back from attrs)."""
+    return f"{sampler.upper()}-{num_steps}"
+
 
 @dataclass
 class Step:

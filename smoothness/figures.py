@@ -22,15 +22,28 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
+import torch
 import xarray as xr
 
+from . import data, metrics
+from .analysis import correlate, dynamics as dyn, spectral as spec
+from .cache.sweep import SweepConfig, sweep
 from .cli import run_cli
+from .data.sample import generate
 from .diffusion import SamplerConfig
 from .io_utils import atomic_path, check_writable
+from .models import bundled, load_entries
+from .plots import surfaces as plotting
+from .plots.analysis import correlation_scatter, dynamics_heatmap, spectral_norms
+from .plots.cache import figure as quality_speedup, teaser as teaser_figure
+from .plots.samples import strip_figure, write_gif
+from .surface import SurfaceConfig, compute
+from .surface.perturb import Axis
 
 PAPER = {
     "a": "Fig. 2 (v1): feature-smoothness surfaces, DiT vs Skip-DiT, DDPM steps 10 and 250",
@@ -49,14 +62,14 @@ STEMS = {"a": "fig_a_surfaces", "b": "fig_b_cache_similarity", "c": "fig_c_quali
 
 @dataclass(frozen=True)
 class Resolution:
-    grid: str                      # alpha and beta of (a)
-    video_grid: str                # alpha and beta of (g)
+    grid: Axis                     # alpha and beta of (a)
+    video_grid: Axis               # alpha and beta of (g)
     seeds: tuple[int, ...]         # chains of (a), (d), (f), (g)
     cache_steps: int               # chain of (b), (c): DDPM with this many steps, cfg 3
     intervals: tuple[int, ...]     # N of (b), (c)
     ks: tuple[int, ...]            # k of (b), (c)
     per_class: int                 # samples per digit class in (b), (c)
-    corr_grid: str                 # surfaces of (e)
+    corr_grid: Axis                # surfaces of (e)
     corr_seeds: tuple[int, ...]    # seeds of (e): the bootstrap resamples them
     corr_steps: tuple[int, ...]    # DDPM-250 steps of (e)
     spectral_steps: tuple[int, ...]
@@ -65,12 +78,12 @@ class Resolution:
 
 
 RESOLUTIONS = {
-    "default": Resolution(grid="-0.25:0.25:21", video_grid="-0.25:0.25:11", seeds=(0,), cache_steps=50,
-                          intervals=(2, 3, 4), ks=(1, 2), per_class=1, corr_grid="-0.25:0.25:7",
+    "default": Resolution(grid=Axis(-0.25, 0.25, 21), video_grid=Axis(-0.25, 0.25, 11), seeds=(0,), cache_steps=50,
+                          intervals=(2, 3, 4), ks=(1, 2), per_class=1, corr_grid=Axis(-0.25, 0.25, 7),
                           corr_seeds=(0, 1, 2), corr_steps=(10, 50, 100, 150, 200, 250),
                           spectral_steps=(10, 100, 250), spectral_iterations=30, video_samples=6),
-    "paper": Resolution(grid="-0.25:0.25:41", video_grid="-0.25:0.25:21", seeds=(0, 1, 2), cache_steps=50,
-                        intervals=(2, 3, 4, 5, 6), ks=(1, 2, 3, 4), per_class=4, corr_grid="-0.25:0.25:11",
+    "paper": Resolution(grid=Axis(-0.25, 0.25, 41), video_grid=Axis(-0.25, 0.25, 21), seeds=(0, 1, 2), cache_steps=50,
+                        intervals=(2, 3, 4, 5, 6), ks=(1, 2, 3, 4), per_class=4, corr_grid=Axis(-0.25, 0.25, 11),
                         corr_seeds=tuple(range(8)), corr_steps=(10, 25, 50, 75, 100, 150, 200, 250),
                         spectral_steps=(10, 50, 100, 150, 200, 250), spectral_iterations=100, video_samples=10),
 }
@@ -84,69 +97,43 @@ def _save(ds: xr.Dataset, fig, out: Path, stem: str) -> list[Path]:
         ds.to_netcdf(tmp, engine="h5netcdf")
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-    import matplotlib.pyplot as plt
     plt.close(fig)
     return [nc, png]
 
 
 # ------------------------------------------------------------------ figures
-def surfaces(names, res: Resolution, grid: str, log):
-    from . import plotting
-    from .surface import SurfaceConfig, compute, load_entries
+def surfaces(names, res: Resolution, grid: Axis, log):
     cfg = SurfaceConfig(steps=(10, 250), sampler=DIGITS, alpha=grid, beta=grid, seeds=res.seeds)
     ds = compute(load_entries(list(names)), cfg, progress=False, log=log)
     return ds, plotting.surfaces(ds, kind="3d")
 
 
 def cache_sweep(models, res: Resolution, log):
-    from .cache.cli import sweep
     sampler = SamplerConfig(num_steps=res.cache_steps, cfg_scale=3.0, clip_denoised=True)
-    return sweep(models, sampler, ("skip-cache", "deep-reuse", "delta", "fora"), res.intervals, res.ks,
-                 [(20, 1000)], (0,), tuple(range(10)), res.per_class, log=log)
+    cfg = SweepConfig(sampler=sampler, methods=("skip-cache", "deep-reuse", "delta", "fora"), intervals=res.intervals,
+                      ks=res.ks, windows=((20, 1000),), seeds=(0,), classes=tuple(range(10)), per_class=res.per_class)
+    return sweep(models, cfg, log=log)
 
 
 def teaser(ds: xr.Dataset, skip_label: str, plain_label: str, interval: int = 2, k: int | None = None):
     """Cosine similarity to the uncached outputs against the timestep, one curve per (model, method)."""
-    import matplotlib.pyplot as plt
-
-    from .cache.cli import chain_title
-    k = k if k is not None else int(ds.k.values[-1])
-    sel = ds["step_cosine"].sel(interval=interval, k=k).isel(window=0).mean("seed")
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     series = [(skip_label, m) for m in TEASER["skip"]] + [(plain_label, m) for m in TEASER["plain"]]
-    for model, method in series:
-        y = sel.sel({"model": model, "method": method}).values     # "method" is also a .sel keyword
-        ax.plot(ds.timestep.values, y, "o-", ms=3, label=f"{method} on {model}")
-    ax.invert_xaxis()
-    ax.set_xlabel("denoising timestep t (sampling runs left to right)")
-    ax.set_ylabel("cosine similarity, cached vs uncached output")
-    ax.set_title(f"{chain_title(ds)}, N={interval}, k={k}, samples {len(ds.attrs['classes']) * ds.attrs['per_class']}",
-                 fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return teaser_figure(ds, series, interval, k)
 
 
 def dynamics(models, res: Resolution, log):
-    from . import dynamics as dyn
-    from .plots_analysis import dynamics_heatmap
     ds = dyn.compute(models, dyn.DynamicsConfig(sampler=DIGITS, seeds=res.seeds), log=log)
     return ds, dynamics_heatmap(ds, "rel_l2")
 
 
 def correlation(names, res: Resolution, log):
-    from . import correlate
-    from .surface import SurfaceConfig, load_entries
     surf = SurfaceConfig(steps=res.corr_steps, sampler=DIGITS, alpha=res.corr_grid, beta=res.corr_grid,
                          seeds=res.corr_seeds)
     ds = correlate.compute(load_entries(list(names)), correlate.CorrelateConfig(surface=surf), log=log)
-    return ds, correlate.scatter(ds)
+    return ds, correlation_scatter(ds)
 
 
 def spectral(models, res: Resolution, log):
-    from . import spectral as spec
-    from .plots_analysis import spectral_norms
     cfg = spec.SpectralConfig(steps=res.spectral_steps, sampler=DIGITS, seeds=res.seeds,
                               iterations=res.spectral_iterations)
     ds = spec.compute(models, cfg, log=log)
@@ -154,11 +141,6 @@ def spectral(models, res: Resolution, log):
 
 
 def video_samples(names, res: Resolution, out: Path, log):
-    import torch
-
-    from . import data, metrics
-    from .models import bundled
-    from .sample import generate, strip_figure, write_gif
     config = SamplerConfig(num_steps=250, clip_denoised=True)
     videos, paths = [], []
     for n in names:
@@ -179,11 +161,11 @@ def video_samples(names, res: Resolution, out: Path, log):
                      "label_consistency": per_model("label_consistency",
                                                     "share of frames agreeing with their video's majority label")},
                     coords={"model": list(names), "sample": np.arange(stack.shape[1])},
-                    attrs={"sampler": "DDPM-250", "clip_denoised": 1, "seed": 0, "unconditional": 1,
+                    attrs={"sampler": config.label, "clip_denoised": 1, "seed": 0, "unconditional": 1,
                            "scores": "smoothness.metrics.video_digit_scores; attribute real_test_videos: the "
                                      "same score of as many real test videos (data.load_videos seed 0)"})
     both = torch.cat([v for v in videos])
-    fig = strip_figure(both, f"{' (top) / '.join(names)} (bottom): DDPM-250, unconditional, seed 0")
+    fig = strip_figure(both, f"{' (top) / '.join(names)} (bottom): {config.label}, unconditional, seed 0")
     log(f"h: {len(names)} x {res.video_samples} videos; label consistency "
         + ", ".join(f"{n} {sc['label_consistency']:.2f}" for n, sc in zip(names, scores))
         + f" (real videos {real['label_consistency']:.2f})")
@@ -237,9 +219,6 @@ def main(argv=None):
         raise ValueError(f"unknown figure {bad[0] if bad else args.only!r} in --only; allowed: {', '.join(sorted(PAPER))}")
     if args.threads < 0:
         raise ValueError(f"--threads={args.threads} is not allowed; use 0 or a positive integer")
-    import torch
-
-    from .models import bundled
     if args.threads:
         torch.set_num_threads(args.threads)
     res = RESOLUTIONS[args.resolution]
@@ -261,8 +240,7 @@ def main(argv=None):
             if key == "b":
                 fig = teaser(ds, pair[1], pair[0])
             else:
-                from .cache.cli import figure
-                fig = figure(ds)
+                fig = quality_speedup(ds)
         elif key == "d":
             ds, fig = dynamics(models, res, log)
         elif key == "e":

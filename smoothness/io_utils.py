@@ -6,6 +6,12 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy
+import torch
+import xarray
+
+from . import __version__
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
@@ -38,7 +44,5 @@ def check_writable(folder: str | Path) -> Path:
 
 
 def versions() -> dict[str, str]:
-    import numpy, torch, xarray
-    from . import __version__
     return {"smoothness": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "xarray": xarray.__version__}

@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
+from . import data
+from .data import classifier as clf
+
 
 def _pair(a, b) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
@@ -166,7 +169,6 @@ def site_cosine(rec_a, rec_b, sites=None) -> xr.DataArray:
 @torch.no_grad()
 def classifier_accuracy(images, labels, classifier=None) -> xr.DataArray:
     """Share of ``images`` (N, 1, 16, 16) in [-1, 1] that the digits classifier assigns to ``labels``."""
-    from . import classifier as clf
     model = classifier or clf.load()
     images = torch.as_tensor(images).float().clamp(-1, 1)
     labels = torch.as_tensor(labels).long()
@@ -185,8 +187,6 @@ def video_digit_scores(videos, classifier=None, confident: float = 0.9, ink: flo
     of frames classified with at least ``confident``, label consistency (the share of frames that agree
     with their video's majority label: 1 when a video shows one digit throughout), the share of the 10
     digits that are some video's majority label, and ``labels`` (N, F)."""
-    from . import classifier as clf
-    from . import data
     model = classifier or clf.load()
     v = torch.as_tensor(videos).float().clamp(-1, 1)
     if v.dim() != 5 or tuple(v.shape[1:2] + v.shape[3:]) != (1, data.SIZE, data.SIZE):
@@ -237,7 +237,6 @@ def frechet_from_features(fa, fb) -> float:
 def frechet_distance(images, reference=None, classifier=None) -> xr.DataArray:
     """Frechet distance in the digits classifier's 64-d feature space between ``images`` and real
     digits (default: the held-out test split)."""
-    from . import classifier as clf, data
     model = classifier or clf.load()
     ref = data.load("test").images if reference is None else torch.as_tensor(reference)
     fa = model.features(torch.as_tensor(images).float().clamp(-1, 1)).numpy()

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from smoothness import hooks
-from smoothness.cache import CacheConfig, CacheRule, Schedule, apply_cache, apply_skip_cache, preset
+from smoothness.cache import (
+    CacheConfig,
+    CacheRule,
+    Schedule,
+    apply_cache,
+    apply_skip_cache,
+    preset,
+)
 from smoothness.diffusion import Diffusion, SamplerConfig, space_timesteps
 from smoothness.models import build
 
@@ -325,6 +332,7 @@ def test_bad_preset_names():
 # ------------------------------------------------------------------------ CLI
 def test_cli_sweep_writes_labelled_outputs(tmp_path):
     import xarray as xr
+
     from smoothness.cache.cli import main
     ckpt = tmp_path / "mini-skip.pt"
     torch.save(tiny(True, depth=4).state_dict(), ckpt)

@@ -8,13 +8,16 @@ import pytest
 import scipy.stats
 import torch
 import xarray as xr
-
 from _toy_models import ToyVideo
-from smoothness import caching_error, correlate, metrics
+
+from smoothness import metrics
+from smoothness.analysis import caching_error, correlate
+from smoothness.analysis import cli as correlate_cli
+from smoothness.analysis.stats import bootstrap_ci, pearson, rankdata, spearman
 from smoothness.cache import CacheConfig, Schedule, apply_cache
 from smoothness.cli import run_cli
 from smoothness.diffusion import Diffusion, SamplerConfig
-from smoothness.stats import bootstrap_ci, pearson, rankdata, spearman
+from smoothness.plots.analysis import correlation_scatter
 from smoothness.surface import ModelEntry, SurfaceConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -195,11 +198,11 @@ def test_compute_labels_and_records_everything(result):
 def test_table_and_scatter(result):
     text = correlate.table(result)
     assert "spearman" in text and "skip" in text and "rel_l2" in text
-    fig = correlate.scatter(result, "total_variation", "psnr")
+    fig = correlation_scatter(result, "total_variation", "psnr")
     assert isinstance(fig, matplotlib.figure.Figure)
     assert len(fig.axes[0].texts) == 4                                  # 2 models x 2 steps labelled
     with pytest.raises(ValueError, match="unknown score 'nope'; allowed: mean_deviation"):
-        correlate.scatter(result, "nope")
+        correlation_scatter(result, "nope")
 
 
 def test_given_surfaces_must_match(result, make_model):
@@ -236,7 +239,7 @@ def test_config_errors(kw, match):
     (["--jobs", "0"], "--jobs=0 is not allowed"),
 ])
 def test_cli_bad_values_exit_2_with_a_message(argv, match, capsys, tmp_path):
-    assert run_cli(correlate.main, argv + ["--out", str(tmp_path)]) == 2
+    assert run_cli(correlate_cli.main, argv + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err and "Traceback" not in err
 
@@ -247,17 +250,17 @@ def test_cli_end_to_end_on_tiny_checkpoints(make_model, tmp_path, capsys):
     argv = ["--ckpt", str(tmp_path / "plain.pt"), "--ckpt", str(tmp_path / "skip.pt"), "--num-steps", "6",
             "--steps", "3,6", "--seeds", "0,1", "--grid=-0.2:0.2:3", "--k", "1", "--resamples", "50",
             "--jobs", "1", "--out", str(tmp_path / "out")]
-    assert run_cli(correlate.main, argv) == 0
+    assert run_cli(correlate_cli.main, argv) == 0
     assert "spearman rho" in capsys.readouterr().out
     ds = xr.open_dataset(tmp_path / "out" / "correlate.nc", engine="h5netcdf").load()
     assert list(ds.model.values) == ["plain", "skip"] and list(ds.method.values) == ["deep-reuse", "skip-cache"]
     assert ds.attrs["chain"] == "DDPM-6" and ds.attrs["k"] == 1 and ds.sizes["seed"] == 2
     assert (tmp_path / "out" / "correlate.png").stat().st_size > 0
-    from smoothness import io
+    from smoothness.surface import io
     surf = io.load(tmp_path / "out" / "correlate_surface.nc")
     assert list(surf.model.values) == ["plain", "skip"] and "plain" in surf.attrs["models"]
     # the saved pieces reproduce the correlation without recomputing anything
-    cfg = correlate.config_from_args(correlate._parser().parse_args(argv))
+    cfg = correlate_cli.config_from_args(correlate_cli._parser().parse_args(argv))
     entries = [ModelEntry("plain", None), ModelEntry("skip", None)]
     again = correlate.compute(entries, cfg, surfaces=surf, errors=ds.caching_error, log=lambda *a: None)
     np.testing.assert_allclose(again.spearman.values, ds.spearman.values)

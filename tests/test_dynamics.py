@@ -3,10 +3,12 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
-
 from _toy_models import ToyVideo
-from smoothness import dynamics, hooks
+
+from smoothness import hooks
+from smoothness.analysis import dynamics
 from smoothness.diffusion import Diffusion, SamplerConfig
+from smoothness.plots.analysis import dynamics_heatmap
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -60,13 +62,13 @@ def test_unconditional_video_model():
 
 def test_heatmap_is_a_figure_and_checks_its_arguments(make_model):
     ds = dynamics.compute({"dit": make_model("DiT-Mini/2")}, dynamics.DynamicsConfig(sampler=SamplerConfig(num_steps=4)))
-    fig = dynamics.heatmap(ds, metric="cosine_distance")
+    fig = dynamics_heatmap(ds, metric="cosine_distance")
     assert isinstance(fig, matplotlib.figure.Figure)
     assert fig.axes[0].get_xlim()[0] > fig.axes[0].get_xlim()[1]        # t decreases to the right
     with pytest.raises(ValueError, match="unknown metric 'l1'; allowed: rel_l2, cosine_distance"):
-        dynamics.heatmap(ds, metric="l1")
+        dynamics_heatmap(ds, metric="l1")
     with pytest.raises(ValueError, match="unknown seed 9; allowed: 0"):
-        dynamics.heatmap(ds, seed=9)
+        dynamics_heatmap(ds, seed=9)
 
 
 def test_bad_settings_are_rejected(make_model):

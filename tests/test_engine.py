@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from smoothness import hooks
-from smoothness.engine import GridEngine, Perturbation, naive_forward
-from smoothness.perturb import DirectionSpec, direction
+from smoothness.surface.engine import GridEngine, Perturbation, naive_forward
+from smoothness.surface.perturb import DirectionSpec, direction
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -80,7 +80,7 @@ def test_chunk_points_must_be_positive(make_model, bad):
 def test_grid_rows_share_their_alpha_build_bit_for_bit(make_model, monkeypatch):
     """Alpha-major grid points (runs of equal alpha) take the per-run build; it must equal the
     two-pass build exactly, chunk boundaries falling inside and between runs."""
-    from smoothness import engine as eng
+    from smoothness.surface import engine as eng
     model = make_model("DiT-Mini/2-skip", seed=4)
     spec = DirectionSpec(seed=2, params="all", include_1d=True)
     a = torch.tensor([-0.2] * 5 + [0.0] * 5 + [0.2] * 5)

@@ -29,14 +29,14 @@ def test_cli_errors_exit_2(tmp_path, capsys, argv, match):
 
 
 def test_teaser_draws_the_sweep_cosines(make_model):
-    import torch
 
-    from smoothness.cache.cli import sweep
+    from smoothness.cache.sweep import SweepConfig, sweep
     from smoothness.diffusion import SamplerConfig
     models = {"plain": make_model("DiT-Mini/2", num_classes=3, in_channels=1),
               "skip": make_model("DiT-Mini/2-skip", num_classes=3, in_channels=1)}
-    ds = sweep(models, SamplerConfig(num_steps=5, cfg_scale=2.0), ("skip-cache", "deep-reuse", "fora"), (2,), (1,),
-               [(0, 1000)], (0,), (0, 1), 1, log=lambda *a: None)
+    cfg = SweepConfig(SamplerConfig(num_steps=5, cfg_scale=2.0), ("skip-cache", "deep-reuse", "fora"), (2,), (1,),
+                      ((0, 1000),), (0,), (0, 1), 1)
+    ds = sweep(models, cfg, log=lambda *a: None)
     fig = figures.teaser(ds, "skip", "plain", interval=2, k=1)
     lines = fig.axes[0].get_lines()
     assert [ln.get_label() for ln in lines] == ["skip-cache on skip", "fora on plain", "deep-reuse on plain"]

@@ -8,7 +8,6 @@ from smoothness.cache import CacheConfig, apply_cache, flops
 from smoothness.diffusion import space_timesteps
 from smoothness.models import build
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")   # conftest: one thread for tiny models
 
 

@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from smoothness.diffusion import Diffusion, SamplerConfig
-from smoothness.hooks import hooked, inject, leftover_hooks, override, record, resolve_sites
+from smoothness.hooks import (
+    hooked,
+    inject,
+    leftover_hooks,
+    override,
+    record,
+    resolve_sites,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -5,7 +5,15 @@ import torch
 
 from smoothness import hooks
 from smoothness.diffusion import Diffusion, SamplerConfig
-from smoothness.models import LATTE_DATASETS, CheckpointError, Latte, LatteConfig, build, infer_config, load_model
+from smoothness.models import (
+    LATTE_DATASETS,
+    CheckpointError,
+    Latte,
+    LatteConfig,
+    build,
+    infer_config,
+    load_model,
+)
 
 
 def official_c2v_keys(skips: bool, classes: int) -> dict[str, tuple]:

@@ -4,17 +4,26 @@ written from raw weights, caption files, DDIM-50 + CFG sampling, Skip-Cache on p
 import math
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from smoothness import hooks, sample
+from smoothness import hooks
+from smoothness.analysis import cli as correlate_cli
 from smoothness.cache import CacheConfig, apply_cache
 from smoothness.cli import run_cli
+from smoothness.data import sample
 from smoothness.diffusion import Diffusion, SamplerConfig
-from smoothness.models import (CheckpointError, LatteT2V, LatteT2VConfig, build, infer_config, load_caption_embeds,
-                               load_model)
+from smoothness.models import (
+    CheckpointError,
+    LatteT2V,
+    LatteT2VConfig,
+    build,
+    infer_config,
+    load_caption_embeds,
+    load_model,
+)
+from smoothness.surface import cli as surface_cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -396,8 +405,8 @@ def test_cache_sweep_cli_text_to_video(tmp_path, capsys):
 def test_dynamics_spectral_and_correlation_take_a_caption(tiny4, tmp_path):
     """The analysis tools condition every chain on one caption file, record it, and refuse a
     text-to-video model without one."""
-    from smoothness import correlate, dynamics, spectral
-    from smoothness.correlate import CorrelateConfig
+    from smoothness.analysis import correlate, dynamics, spectral
+    from smoothness.analysis.correlate import CorrelateConfig
     from smoothness.surface import SurfaceConfig
     g = torch.Generator().manual_seed(5)
     torch.save(torch.randn(4, 12, generator=g), tmp_path / "a.pt")
@@ -417,11 +426,11 @@ def test_dynamics_spectral_and_correlation_take_a_caption(tiny4, tmp_path):
                          caption_embeds=a)
     ds = correlate.compute({"t2v": tiny4}, CorrelateConfig(surface=surf, k=1, window=1, n_resamples=10), log=None)
     assert np.isfinite(ds.caching_error.values).all() and ds.attrs["caption_sha256"] == with_a.attrs["caption_sha256"]
-    assert run_cli(correlate.main, ["--model", "digits-dit", "--caption-embeds", a, "--out", str(tmp_path)]) == 2
+    assert run_cli(correlate_cli.main, ["--model", "digits-dit", "--caption-embeds", a, "--out", str(tmp_path)]) == 2
 
 
 def test_block_patterns_select_through_the_block_paths(tiny4):
-    from smoothness.perturb import DirectionSpec, select_parameters
+    from smoothness.surface.perturb import DirectionSpec, select_parameters
     names = [n for n, p in tiny4.named_parameters() if p.requires_grad and p.dim() > 1]
     stacks = ("transformer_blocks.", "temporal_transformer_blocks.")
     assert select_parameters(tiny4, DirectionSpec()) == [n for n in names if n.startswith(stacks)]
@@ -439,8 +448,8 @@ def test_block_patterns_select_through_the_block_paths(tiny4):
 
 # ------------------------------------------------------- caption-conditioned surfaces
 def test_engine_equals_naive_loop_with_captions(tiny4):
-    from smoothness.engine import GridEngine, Perturbation, naive_forward
-    from smoothness.perturb import DirectionSpec
+    from smoothness.surface.engine import GridEngine, Perturbation, naive_forward
+    from smoothness.surface.perturb import DirectionSpec
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(1, 4, 3, 4, 4, generator=g), torch.randn(1, 5, 12, generator=g)
     t = torch.tensor([400])
@@ -480,16 +489,15 @@ def test_surface_on_a_caption(tiny4, tmp_path):
 
 
 def test_surface_cli_with_caption_embeds(tmp_path):
-    from smoothness import surface
     torch.manual_seed(0)
     sd = build("LatteT2V-Mini/2-skip", num_frames=2).state_dict()
     torch.save({"ema": sd, "meta": {"input_size": 8, "num_frames": 2}}, tmp_path / "t2v.pt")
     torch.save(torch.randn(3, 32), tmp_path / "cap.pt")
     argv = ["--ckpt", str(tmp_path / "t2v.pt"), "--num-steps", "3", "--sampler", "ddim", "--steps", "3",
             "--grid=-0.2:0.2:3", "--out", str(tmp_path / "out")]
-    assert run_cli(surface.main, argv + ["--caption-embeds", str(tmp_path / "cap.pt")]) == 0
+    assert run_cli(surface_cli.main, argv + ["--caption-embeds", str(tmp_path / "cap.pt")]) == 0
     assert (tmp_path / "out" / "surface.nc").exists()
-    assert run_cli(surface.main, argv + ["--out", str(tmp_path / "none")]) == 2          # no caption
+    assert run_cli(surface_cli.main, argv + ["--out", str(tmp_path / "none")]) == 2          # no caption
     assert not (tmp_path / "none" / "surface.partial.nc").exists()
-    assert run_cli(surface.main, ["--model", "digits-dit", "--caption-embeds", str(tmp_path / "cap.pt"),
+    assert run_cli(surface_cli.main, ["--model", "digits-dit", "--caption-embeds", str(tmp_path / "cap.pt"),
                                   "--out", str(tmp_path / "img")]) == 2

@@ -2,7 +2,11 @@
 import numpy as np
 import pytest
 import torch
-from skimage.metrics import mean_squared_error, peak_signal_noise_ratio, structural_similarity
+from skimage.metrics import (
+    mean_squared_error,
+    peak_signal_noise_ratio,
+    structural_similarity,
+)
 
 from smoothness import data, hooks, metrics
 from smoothness.diffusion import Diffusion, SamplerConfig

@@ -16,8 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoothness.models import checkpoint
-from smoothness.models import CheckpointError, build, config_for, infer_config, load_model, model_names
+from smoothness.models import (
+    CheckpointError,
+    build,
+    checkpoint,
+    config_for,
+    infer_config,
+    load_model,
+    model_names,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

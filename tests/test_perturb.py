@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from smoothness.models import build
-from smoothness.perturb import Axis, DirectionSpec, direction, directions, normalize, select_parameters
+from smoothness.surface.perturb import (
+    Axis,
+    DirectionSpec,
+    direction,
+    directions,
+    normalize,
+    select_parameters,
+)
 
 
 def test_filter_normalization_matches_hand_computation():

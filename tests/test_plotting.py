@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from smoothness import plotting
+from smoothness.plots import surfaces as plotting
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 import numpy as np
 import xarray as xr
 
-from smoothness.scores import smoothness_scores
+from smoothness.surface.scores import smoothness_scores
 
 
 def _dataset(fn, a=np.linspace(-1, 1, 41), b=np.linspace(-1, 1, 41)):

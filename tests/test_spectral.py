@@ -6,11 +6,12 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from _toy_models import ToyVideo
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from _toy_models import ToyVideo
-from smoothness import spectral
+from smoothness.analysis import spectral
 from smoothness.diffusion import SamplerConfig
+from smoothness.plots.analysis import spectral_norms
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),      # torch's forward-mode AD warns from its own code
               pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")]
@@ -120,8 +121,8 @@ def test_unconditional_video_model_end_to_end():
 
 def test_plot_and_errors(result):
     ds, _, _ = result
-    assert isinstance(spectral.plot(ds), matplotlib.figure.Figure)
-    assert isinstance(spectral.plot(ds.drop_vars(["sigma_unit", "sigma_block"]), seed=2), matplotlib.figure.Figure)
+    assert isinstance(spectral_norms(ds), matplotlib.figure.Figure)
+    assert isinstance(spectral_norms(ds.drop_vars(["sigma_unit", "sigma_block"]), seed=2), matplotlib.figure.Figure)
     with pytest.raises(ValueError, match="unknown map 'jacobian'; allowed: block, unit, end_to_end"):
         spectral.SpectralConfig(maps=("jacobian",))
     with pytest.raises(ValueError, match="unknown solver 'svd'; allowed: power, lanczos"):

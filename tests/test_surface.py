@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from smoothness import hooks, io, surface
+from smoothness import hooks, surface
 from smoothness.diffusion import SamplerConfig
-from smoothness.engine import GridEngine, Perturbation, naive_forward
-from smoothness.perturb import DirectionSpec
-from smoothness.surface import ModelEntry, SurfaceConfig
+from smoothness.surface import ModelEntry, SurfaceConfig, io
+from smoothness.surface import cli as surface_cli
+from smoothness.surface import dataset as surface_dataset
+from smoothness.surface.engine import GridEngine, Perturbation, naive_forward
+from smoothness.surface.perturb import DirectionSpec
 
 
 def _tiny(skip: bool, seed: int = 0):
@@ -79,7 +81,7 @@ def test_batched_weights_engine_equals_naive_loop(pair, cfg_scale):
 
 
 def test_feature_direction_is_scaled_per_token(pair):
-    from smoothness.perturb import feature_direction
+    from smoothness.surface.perturb import feature_direction
     h = torch.randn(16, 64) * torch.linspace(0.1, 5, 16)[:, None]
     d = feature_direction(h, seed=0, which=1, site="blocks.1")
     torch.testing.assert_close(torch.linalg.vector_norm(d, dim=-1), torch.linalg.vector_norm(h, dim=-1))
@@ -157,8 +159,8 @@ def test_resume_inside_a_model_redoes_no_finished_chunk_and_is_bit_identical(pai
     finished = ~np.isnan(saved)
     np.testing.assert_array_equal(saved[finished], full["surface"].values[finished])
     evaluated = []
-    real_local = surface.local
-    monkeypatch.setattr(surface, "local", lambda *a: evaluated.append(len(a[5][0])) or real_local(*a))
+    real_local = surface_dataset.local
+    monkeypatch.setattr(surface_dataset, "local", lambda *a: evaluated.append(len(a[5][0])) or real_local(*a))
     resumed = surface.compute(pair, cfg, partial=partial, resume_from=io.resumable(partial, full),
                               progress=False, log=lambda *_: None)
     np.testing.assert_array_equal(resumed["surface"].values, full["surface"].values)
@@ -236,7 +238,7 @@ def test_cli_writes_outputs_and_rejects_bad_input(pair, tmp_path, capsys):
     b = _save_ckpt(pair[1].model, tmp_path / "b.pt")
     common = ["--ckpt", a, "--ckpt", b, "--num-steps", "4", "--grid=-0.1:0.1:3", "--batch-size", "9"]
     out = tmp_path / "res"
-    assert run_cli(surface.main, common + ["--out", str(out)]) == 0          # default steps: 4 (min(10, 4)) and 4
+    assert run_cli(surface_cli.main, common + ["--out", str(out)]) == 0          # default steps: 4 (min(10, 4)) and 4
     for name in ("surface.nc", "surface.png", "surface_contour.png", "surface_heatmap.png", "surface.html"):
         assert (out / name).is_file(), name
     assert not (out / "surface.partial.nc").exists()
@@ -245,7 +247,7 @@ def test_cli_writes_outputs_and_rejects_bad_input(pair, tmp_path, capsys):
     bad = [(["--step", "5"], "outside the chain"), (["--step", "2", "--metric", "l2"], "invalid choice"), (["--grid=1:-1:3"], "inverted"),
            (["--readout", "blocks.77"], "unknown site"), (["--mode", "features", "--site", "nowhere"], "unknown site")]
     for extra, msg in bad:
-        assert run_cli(surface.main, common + ["--out", str(tmp_path / "x")] + extra) == 2
+        assert run_cli(surface_cli.main, common + ["--out", str(tmp_path / "x")] + extra) == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
     ro = tmp_path / "ro"
@@ -259,7 +261,7 @@ def test_cli_writes_outputs_and_rejects_bad_input(pair, tmp_path, capsys):
             target = blocker / "sub"
         else:
             target = ro / "sub"
-        assert run_cli(surface.main, common + ["--out", str(target)]) == 2
+        assert run_cli(surface_cli.main, common + ["--out", str(target)]) == 2
         assert "not writable" in capsys.readouterr().err
     finally:
         ro.chmod(0o700)

@@ -1,11 +1,11 @@
 """Training is reproducible and resumable; the sample CLI validates its input; the shipped classifier."""
-from pathlib import Path
 
 import pytest
 import torch
 
-from smoothness import classifier, data, sample, train
+from smoothness import data
 from smoothness.cli import run_cli
+from smoothness.data import classifier, sample, train
 
 
 def _ckpt(path):

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from smoothness import data, hooks
+from smoothness.data import digits
 from smoothness.cache import CacheConfig, apply_cache
 from smoothness.diffusion import Diffusion, SamplerConfig
-from smoothness.engine import GridEngine, Perturbation, naive_forward
-from smoothness.perturb import DirectionSpec
 from smoothness.surface import ModelEntry, SurfaceConfig, compute
+from smoothness.surface.engine import GridEngine, Perturbation, naive_forward
+from smoothness.surface.perturb import DirectionSpec
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -45,7 +46,7 @@ def test_moving_digits_paste_the_glyph_along_its_path():
 
 
 def test_render_is_bilinear_and_keeps_the_blank_border():
-    x8 = data._native("test")[:5]
+    x8 = digits._native("test")[:5]
     glyphs = data.render(x8)
     assert glyphs.shape == (5, data.DIGIT, data.DIGIT)
     ref = torch.nn.functional.interpolate(x8[:, None], scale_factor=data.DIGIT / 8, mode="bilinear",
@@ -66,8 +67,8 @@ def test_random_motion_stays_on_canvas_moves_and_is_seeded():
 
 
 def test_medoids_are_the_digits_nearest_their_class_means():
-    xtr, ytr, _, _ = data._split()
-    glyphs, labels = data._medoids("train")
+    xtr, ytr, _, _ = digits._split()
+    glyphs, labels = digits._medoids("train")
     assert labels.tolist() == list(range(10))
     for c in range(10):
         members = xtr[ytr == c]
@@ -120,7 +121,7 @@ def test_video_surface_origin_is_exactly_one(latte, mode, site):
 
 def test_video_feature_perturbation_by_hand(latte):
     """features mode on a temporal block: h + a*d1 + b*d2, each direction scaled per token to h."""
-    from smoothness.perturb import feature_direction
+    from smoothness.surface.perturb import feature_direction
     x = torch.randn((1, *SHAPE[1:]), generator=torch.Generator().manual_seed(2))
     t = torch.tensor([300])
     a, b = 0.3, -0.2
@@ -211,7 +212,7 @@ def test_cli_refuses_labels_and_guidance_for_unconditional(tmp_path, video_ckpt,
 def test_sample_cli_writes_strip_and_gif(tmp_path, video_ckpt):
     from PIL import Image
 
-    from smoothness.sample import main
+    from smoothness.data.sample import main
     main(["--ckpt", str(video_ckpt), "--num-sampling-steps", "3", "--per-class", "1", "--out", str(tmp_path)])
     gif = Image.open(tmp_path / "samples_tiny-latte.gif")
     assert gif.n_frames == 4
@@ -238,6 +239,6 @@ def test_video_digit_scores_find_the_digits_of_real_videos():
 
 def test_sample_cli_refuses_to_score_a_model_of_other_data(tmp_path, video_ckpt):
     from smoothness.cli import run_cli
-    from smoothness.sample import main
+    from smoothness.data.sample import main
     assert run_cli(main, ["--ckpt", str(video_ckpt), "--score-samples", "2", "--out", str(tmp_path)]) == 2
     assert not list(tmp_path.iterdir())

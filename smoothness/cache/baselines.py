@@ -10,11 +10,11 @@
 * ``fora`` (FORA): every block still runs its adaLN modulation, norms and gates, but reuses the
   outputs of its ``branches`` from the last full step (before gating): attention and MLP on DiT and
   Latte, self-attention, cross-attention and feed-forward on text-to-video blocks. ``k`` is not used.
-* ``none``: the uncached reference (every call full); defined in skip_cache.py.
+* ``none``: the uncached reference (every call full): the ``Method`` base class in base.py.
 """
 from __future__ import annotations
 
-from .skip_cache import CacheState, Method
+from .base import CacheState, Method
 
 
 class DeepReuse(Method):

@@ -33,7 +33,8 @@ import json
 import re
 from dataclasses import dataclass
 
-TRAIN_STEPS = 1000
+from ..diffusion import TRAIN_STEPS
+
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Jacobian spectral norms of blocks and of the whole trunk, DiT against Skip-DiT: the measurable
 side of the paper's later stability argument (paper-spec 3.5).
 
-    from smoothness import spectral
+    from smoothness.analysis import spectral
     ds = spectral.compute({"DiT": dit, "Skip-DiT": skip}, spectral.SpectralConfig(steps=(10, 250)))
     spectral.plot(ds)
 
@@ -28,14 +28,16 @@ forward-mode derivative); this changes nothing numerically beyond rounding.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import xarray as xr
 
-from . import chain
-from .diffusion import Diffusion, SamplerConfig
+from .. import chain
+from .._moved import moved_names
+from ..diffusion import Diffusion, SamplerConfig
+from ..models import Captions, caption_attrs
 
 MAPS = ("block", "unit", "end_to_end")
 SOLVERS = ("power", "lanczos")
@@ -48,7 +50,7 @@ class SpectralConfig:
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(num_steps=250, clip_denoised=True))
     seeds: tuple[int, ...] = (0,)       # one chain per seed; its x_t at each step gives the features
     class_label: int = 0                # ignored by unconditional models
-    caption_embeds: str = ""            # text-to-video models: file with the one caption every chain is conditioned on
+    caption_embeds: Captions | None = None   # text-to-video models: the one caption of every chain (a path is loaded)
     maps: tuple[str, ...] = MAPS        # which maps to measure
     solver: str = "lanczos"             # lanczos (power iteration's Krylov space, Rayleigh-Ritz) | power
     iterations: int = 100               # most J^T J products per map
@@ -57,6 +59,7 @@ class SpectralConfig:
     jvp: str = "reverse"                # J v by transposing the VJP (fast on CPU) | forward (torch.func.jvp)
 
     def __post_init__(self):
+        object.__setattr__(self, "caption_embeds", Captions.of(self.caption_embeds))
         chain.check_steps(self.steps, self.sampler)
         chain.check_seeds(self.seeds)
         bad = [m for m in self.maps if m not in MAPS]
@@ -72,7 +75,7 @@ class SpectralConfig:
             raise ValueError(f"tol={self.tol!r} is not allowed; use a number >= 0")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return chain.config_json(self)
 
 
 @dataclass
@@ -215,7 +218,7 @@ def compute(models, cfg: SpectralConfig = SpectralConfig(), log=None) -> xr.Data
     seed) and the iterations each used (``iterations_*``). ``models``: {label: model} or entries."""
     entries = chain.as_entries(models)
     diffusion = Diffusion.for_config(cfg.sampler)
-    captions = chain.load_captions(cfg.caption_embeds)
+    captions = cfg.caption_embeds
     for e in entries:                                                  # validate before any work
         chain.labels(e.model, cfg.class_label, who=e.label, captions=captions)
     steps, seeds = sorted(cfg.steps), list(cfg.seeds)
@@ -229,13 +232,9 @@ def compute(models, cfg: SpectralConfig = SpectralConfig(), log=None) -> xr.Data
         device, dtype = chain.model_device_dtype(model)
         y = chain.labels(model, cfg.class_label, 1, device, captions=captions, dtype=dtype)
         for j, seed in enumerate(seeds):
-            xs = {}
             with torch.inference_mode():
-                for rec in chain.reference_chain(model, diffusion, cfg.sampler, seed, cfg.class_label, captions=captions):
-                    if rec.step in steps:
-                        xs[rec.step] = rec.x_t.clone()
-                    if rec.step >= steps[-1]:
-                        break
+                records = chain.reference_chain(model, diffusion, cfg.sampler, seed, cfg.class_label, captions=captions)
+                xs = {rec.step: rec.x_t.clone() for rec in chain.at_steps(records, steps)}
             for i, s in enumerate(steps):
                 t = torch.full((1,), diffusion.timestep_of(s), dtype=torch.long, device=device)
                 with torch.no_grad():
@@ -279,11 +278,8 @@ def _dataset(entries, cfg, diffusion, steps, seeds, n_units, sig, its) -> xr.Dat
                     power_seed=cfg.power_seed, solver=cfg.solver, jvp=cfg.jvp, seeds=json.dumps(seeds), class_label=cfg.class_label,
                     maps=",".join(cfg.maps), method=f"{cfg.solver} iteration on J^T J (torch.func vjp, J v by {cfg.jvp} mode), math attention",
                     **chain.sampler_attrs(cfg.sampler), **chain.provenance(entries),
-                    **chain.caption_attrs(cfg.caption_embeds))
+                    **caption_attrs(cfg.caption_embeds))
     return ds
 
 
-def plot(ds: xr.Dataset, seed=None):
-    """Per-unit sigma against unit (one line per model and step) and end-to-end sigma against timestep."""
-    from .plots_analysis import spectral_norms
-    return spectral_norms(ds, seed=seed)
+__getattr__ = moved_names(__name__, {"plot": "smoothness.plots.analysis:spectral_norms"})

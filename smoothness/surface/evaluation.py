@@ -5,22 +5,31 @@
 * ``trajectory``: the perturbed model runs the whole chain, one per seed, up to the last step.
 
 Both return {(readout, step): (G, N, ...)} for the chunk's G points and N seeds: the eps channels of
-the output and any recorded site, as float32 on the CPU.
+the output and any recorded site, as float32 on the CPU. They take an ``EvalSpec``: only what an
+evaluation uses (a ``SurfaceConfig`` gives one as ``cfg.eval_spec``).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
-from . import chain, hooks
-from .diffusion import Diffusion
-from .engine import GridEngine, Perturbation
-
-if TYPE_CHECKING:
-    from .surface import ModelEntry, SurfaceConfig
+from .. import chain, hooks
+from ..diffusion import Diffusion, SamplerConfig
+from .engine import GridEngine, Perturbation, _unit_of_site
 
 EVALUATIONS = ("local", "trajectory")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What a chunk evaluation needs to know of the surface it fills."""
+
+    steps: tuple[int, ...]           # sampler steps whose readouts are kept
+    readouts: tuple[str, ...]        # "output" and/or sites
+    sampler: SamplerConfig           # the chain (guidance scale and channels)
+    perturbation: Perturbation       # for the sites a feature perturbation leaves unperturbed
+    device: str = "cpu"
 
 
 class Collector:
@@ -49,7 +58,6 @@ class Collector:
 
 def shared_sites(model, perturbation: Perturbation, sites) -> frozenset:
     """Readout sites computed once, before tiling: those up to a feature perturbation's unit."""
-    from .engine import _unit_of_site
     if perturbation.mode != "features":
         return frozenset()
     unit = _unit_of_site(model, perturbation.site)
@@ -68,7 +76,7 @@ def readout_sites(readouts):
     return [r for r in readouts if r != "output"]
 
 
-def local(entry: ModelEntry, cfg: SurfaceConfig, diffusion: Diffusion, inputs, y1, coef, engine):
+def local(model, cfg: EvalSpec, diffusion: Diffusion, inputs, y1, coef, engine):
     """Evaluate chunk ``coef`` on the chain's x_t at every requested step in one batched forward:
     each grid point carries the x_t of all steps and seeds as its rows (step-major), so its
     perturbed weights are built once for all of them. Returns {(readout, step): (G, N, ...)} for
@@ -79,8 +87,8 @@ def local(entry: ModelEntry, cfg: SurfaceConfig, diffusion: Diffusion, inputs, y
                    for step in steps])
     rows = x.shape[0] * (2 if cfg.sampler.cfg_scale != 1.0 else 1)
     col = Collector(readout_sites(cfg.readouts), None, g, rows, x.shape[0],
-                    shared_sites(entry.model, cfg.perturbation, readout_sites(cfg.readouts)))
-    with hooks.inject(entry.model, {s: col.hook for s in readout_sites(cfg.readouts)}):
+                    shared_sites(model, cfg.perturbation, readout_sites(cfg.readouts)))
+    with hooks.inject(model, {s: col.hook for s in readout_sites(cfg.readouts)}):
         out = engine.forward(x, t, chain.tile(y1, len(steps) * n), coef, cfg.sampler.cfg_scale,
                              cfg.sampler.cfg_channels)
     col.data[("output", None)] = out[:, :, : x.shape[1]].float().cpu()       # eps channels
@@ -107,32 +115,22 @@ class GroupedModel(torch.nn.Module):
         return out[inv]
 
 
-def trajectory(entry: ModelEntry, cfg: SurfaceConfig, diffusion: Diffusion, seed: int, y, coef, engine, shape,
-               dtype: torch.dtype):
+def trajectory(model, cfg: EvalSpec, diffusion: Diffusion, seed: int, y, coef, engine, shape, dtype: torch.dtype):
     """Run the perturbed chain for chunk ``coef`` up to the last requested step."""
     g = len(coef[0])
     wrapper = GroupedModel(engine, coef)
     rows = shape[0] * (2 if cfg.sampler.cfg_scale != 1.0 else 1)
     col = Collector(readout_sites(cfg.readouts), cfg.steps, g, rows, shape[0])
-    with hooks.inject(entry.model, {s: col.hook for s in readout_sites(cfg.readouts)}):
-        for rec in diffusion.sample_steps(wrapper, (g * shape[0], *shape[1:]), chain.tile(y, g),
-                                          cfg.sampler, seed=seed, groups=g, dtype=dtype,
-                                          device=torch.device(cfg.device)):
-            if rec.step in cfg.steps:
-                out = rec.model_output.reshape(g, shape[0], *rec.model_output.shape[1:])
-                col.data[("output", rec.step)] = out[:, :, : shape[1]].float().cpu()
-            if rec.step >= max(cfg.steps):
-                break
+    records = diffusion.sample_steps(wrapper, (g * shape[0], *shape[1:]), chain.tile(y, g), cfg.sampler, seed=seed,
+                                     groups=g, dtype=dtype, device=torch.device(cfg.device))
+    with hooks.inject(model, {s: col.hook for s in readout_sites(cfg.readouts)}):
+        for rec in chain.at_steps(records, cfg.steps):
+            out = rec.model_output.reshape(g, shape[0], *rec.model_output.shape[1:])
+            col.data[("output", rec.step)] = out[:, :, : shape[1]].float().cpu()
     return col.data
 
 
-def chain_inputs(entry: ModelEntry, cfg: SurfaceConfig, diffusion: Diffusion, seed: int, y, shape,
-                 dtype: torch.dtype):
+def chain_inputs(model, cfg: EvalSpec, diffusion: Diffusion, seed: int, y, shape, dtype: torch.dtype):
     """x_t at every requested step of the unperturbed chain for one seed."""
-    keep = {}
-    for rec in diffusion.sample_steps(entry.model, shape, y, cfg.sampler, seed=seed, dtype=dtype):
-        if rec.step in cfg.steps:
-            keep[rec.step] = rec.x_t
-        if rec.step >= max(cfg.steps):
-            break
-    return keep
+    records = diffusion.sample_steps(model, shape, y, cfg.sampler, seed=seed, dtype=dtype)
+    return {rec.step: rec.x_t for rec in chain.at_steps(records, cfg.steps)}

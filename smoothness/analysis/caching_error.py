@@ -14,25 +14,66 @@ against the smoothness of the step-s surface.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import xarray as xr
 
-from . import chain
-from .cache import CacheConfig, Schedule, apply_cache
-from .diffusion import Diffusion, SamplerConfig
+from .. import chain
+from ..cache import METHODS, CacheConfig, Schedule, apply_cache
+from ..diffusion import Diffusion, SamplerConfig
+from ..models import Captions
 
-if TYPE_CHECKING:
-    from .correlate import CorrelateConfig
+METHODS_OR_AUTO = ("auto",) + tuple(m for m in METHODS if m != "none")
 
 ERRORS = {  # name: (long name, units, larger is worse)
     "cosine_distance": ("1 - cosine similarity of cached and uncached outputs at the step", "1", True),
     "rel_l2": ("relative L2 distance of cached and uncached outputs at the step", "1", True),
     "psnr": ("PSNR of the final sample, caching around the step, against the uncached one", "dB", False),
 }
+
+
+@dataclass(frozen=True)
+class CachingErrorConfig:
+    """What the caching errors are measured on (the chains: those of the surfaces) and how."""
+
+    steps: tuple[int, ...] = (10, 70, 130, 190, 250)   # sampler steps s, 1-based
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(num_steps=250, clip_denoised=True))
+    seeds: tuple[int, ...] = (0, 1, 2)                # one uncached chain per seed
+    class_label: int = 0                              # the class every chain is conditioned on
+    caption_embeds: Captions | None = None            # text-to-video models: the one caption (a path is loaded)
+    method: str = "auto"           # auto: skip-cache with skip branches, deep-reuse without; or one of METHODS
+    k: int = 2                     # units recomputed on each side (12-unit bundled models: 2)
+    lag: int = 1                   # per-step error: the cache was filled at step s - lag
+    window: int = 2                # window error: steps s-window..s+window are cached
+    data_range: float = 2.0        # PSNR peak-to-peak range of the samples ([-1, 1] pixels)
+
+    def __post_init__(self):
+        object.__setattr__(self, "caption_embeds", Captions.of(self.caption_embeds))
+        if self.method not in METHODS_OR_AUTO:
+            raise ValueError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS_OR_AUTO)}")
+        for name, low in (("k", 1), ("lag", 1), ("window", 0)):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= low):
+                raise ValueError(f"{name}={v!r} is not allowed; use an integer >= {low}")
+        if not self.data_range > 0:
+            raise ValueError(f"data_range={self.data_range!r} is not allowed; use a positive number")
+        low = [s for s in self.steps if s <= self.lag]
+        if low:
+            raise ValueError(f"step {low[0]} has no step {low[0] - self.lag} to fill the cache from (lag={self.lag}); "
+                             f"allowed: steps {self.lag + 1}..{self.sampler.num_steps}")
+        chain.check_steps(list(self.steps), self.sampler)
+        chain.check_seeds(self.seeds)
+
+    def method_for(self, model) -> str:
+        if self.method != "auto":
+            return self.method
+        return "skip-cache" if getattr(model, "skip_into", None) else "deep-reuse"
+
+    def window_of(self, step: int) -> tuple[int, int]:
+        """Cached steps (first, last) around ``step``; step 1 is always full."""
+        return max(2, step - self.window), min(self.sampler.num_steps, step + self.window)
 
 
 def _flat(v: torch.Tensor) -> torch.Tensor:
@@ -81,21 +122,23 @@ def window_final(model, cache: CacheConfig, diffusion: Diffusion, sampler: Sampl
                           x_T=x_start, device=x_start.device, dtype=x_start.dtype)
 
 
-def caching_errors(models, cfg: CorrelateConfig, log=None) -> xr.DataArray:
-    """Caching errors, dims (model, step, seed, error); ``models`` is {label: model} or entries."""
+def caching_errors(models, cfg: CachingErrorConfig, log=None) -> xr.DataArray:
+    """Caching errors, dims (model, step, seed, error); ``models`` is {label: model} or entries.
+    ``cfg``: a CachingErrorConfig (a CorrelateConfig gives its own as ``.caching_error``)."""
+    cfg = getattr(cfg, "caching_error", cfg)
     entries = chain.as_entries(models)
     diffusion = Diffusion.for_config(cfg.sampler)
-    steps, seeds = cfg.steps, list(cfg.surface.seeds)
+    steps, seeds = sorted(cfg.steps), list(cfg.seeds)
     out = np.full((len(entries), len(steps), len(seeds), len(ERRORS)), np.nan)
-    caches, captions = {}, chain.load_captions(cfg.surface.caption_embeds)
+    caches, captions = {}, cfg.caption_embeds
     for e in entries:                                                  # validate before any work
         caches[e.label] = CacheConfig(method=cfg.method_for(e.model), k=cfg.k)
         caches[e.label].check(e.model)
-        chain.labels(e.model, cfg.surface.class_label, who=e.label, captions=captions)
+        chain.labels(e.model, cfg.class_label, who=e.label, captions=captions)
     for m, e in enumerate(entries):
         model, cache = e.model.eval(), caches[e.label]
         device, dtype = chain.model_device_dtype(model)
-        y = chain.labels(model, cfg.surface.class_label, 1, device, captions=captions, dtype=dtype)
+        y = chain.labels(model, cfg.class_label, 1, device, captions=captions, dtype=dtype)
         need = set(steps) | {s - cfg.lag for s in steps} | {cfg.window_of(s)[0] - 1 for s in steps}
         at = lambda step: torch.full((1,), diffusion.timestep_of(step), dtype=torch.long, device=device)
         for j, seed in enumerate(seeds):
@@ -104,7 +147,7 @@ def caching_errors(models, cfg: CorrelateConfig, log=None) -> xr.DataArray:
             torch.randn((1, *model.sample_shape()), generator=after_x_T)
             x_t, outs, noise = {}, {}, {1: after_x_T.get_state()}    # noise[j]: generator state entering step j
             with torch.inference_mode():
-                for rec in chain.reference_chain(model, diffusion, cfg.sampler, seed, cfg.surface.class_label, g,
+                for rec in chain.reference_chain(model, diffusion, cfg.sampler, seed, cfg.class_label, g,
                                                  captions=captions):
                     if rec.step in need:
                         x_t[rec.step], outs[rec.step] = rec.x_t, rec.model_output

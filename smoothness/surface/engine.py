@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hooks
-from .diffusion import guide
+from .. import hooks
+from ..diffusion import guide
 from .perturb import DirectionSpec, direction, feature_direction, select_parameters
 
 MODES = ("weights", "features", "latent")
@@ -121,85 +121,67 @@ class GridEngine:
             own = [attr for attr in names if names[attr] in self.param_names]
             return lambda *args, **kw: module.forward_grouped({n: value(n) for n in own}, g, *args, **kw)
         if isinstance(module, nn.Linear):
-            wname = names["weight"]
-            if wname not in self.param_names:                          # only the bias is perturbed
-                def fwd(x):
-                    xs = x.reshape(g, -1, x.shape[-1])                 # (G, R*T, in)
-                    return torch.baddbmm(value("bias").unsqueeze(1), xs, module.weight.t().expand(g, -1, -1)
-                                         ).reshape(*x.shape[:-1], module.out_features)
-                return fwd
+            if names["weight"] not in self.param_names:                # only the bias is perturbed
+                return _linear_bias_only(module, value, g)
+            return self._linear(module, names["weight"], value, g, plans)
+        if isinstance(module, nn.Conv2d):
+            return _conv(module, value, g)
+        if isinstance(module, nn.LayerNorm):
+            return _layer_norm(module, value, g)
+        return _embedding(module, value, g)
 
-            def fwd(x):
-                xs = x.reshape(g, -1, x.shape[-1])                     # (G, R*T, in)
-                bias = value("bias")                                   # (G or 1, out) or None
-                d1t, d2t = self._pair_t(wname, module.weight)          # (in, out) contiguous
-                if xs.shape[1] <= LINEARITY_ROWS:
-                    # Few rows per point (adaLN sees one per sample): use linearity instead of
-                    # building G weight copies: x W' = x W + alpha (x D1) + beta (x D2).
-                    ca, cb = plans.coefficients(x.dtype)
-                    out = torch.matmul(xs, module.weight.t())
-                    out = out.addcmul_(ca, torch.matmul(xs, d1t)).addcmul_(cb, torch.matmul(xs, d2t))
-                    if bias is not None:
-                        out = out + bias.unsqueeze(1)
-                    return out.reshape(*x.shape[:-1], module.out_features)
-                # Many rows per point: per-point weights W' = W + alpha D1 + beta D2, built k points
-                # at a time into one reused buffer that stays in cache and is consumed at once by a
-                # batched GEMM. Building all G copies first streams them through memory (slower),
-                # and the buffer bounds memory at k copies of the layer.
-                wt = module.weight.t().contiguous()                       # (in, out); not cached: +1x model memory
-                k = min(g, self.chunk_points or max(1, CHUNK_BYTES // (wt.numel() * wt.element_size())))
-                chunks, runs = plans.chunks(k, x.dtype)
-                out = xs.new_empty(g, xs.shape[1], module.out_features)   # (G, R*T, out)
-                buf = xs.new_empty(k, *wt.shape)                          # (k, in, out)
-                base = xs.new_empty(wt.shape) if runs else None
+    def _linear(self, module: nn.Linear, wname: str, value, g: int, plans: "_Plans"):
+        def fwd(x):
+            xs = x.reshape(g, -1, x.shape[-1])                         # (G, R*T, in)
+            bias = value("bias")                                       # (G or 1, out) or None
+            d1t, d2t = self._pair_t(wname, module.weight)              # (in, out) contiguous
+            if xs.shape[1] <= LINEARITY_ROWS:
+                # Few rows per point (adaLN sees one per sample): use linearity instead of
+                # building G weight copies: x W' = x W + alpha (x D1) + beta (x D2).
+                ca, cb = plans.coefficients(x.dtype)
+                out = torch.matmul(xs, module.weight.t())
+                out = out.addcmul_(ca, torch.matmul(xs, d1t)).addcmul_(cb, torch.matmul(xs, d2t))
                 if bias is not None:
-                    bias = bias.unsqueeze(1)                              # (G or 1, 1, out)
-                built = None                                              # the run whose base is built
-                for lo, hi, alphas, betas, chunk_runs in chunks:
-                    w = buf if hi - lo == k else buf[: hi - lo]
-                    if runs:
-                        # Points in a run share alpha (a grid's row, alpha-major): W + alpha D1 is built
-                        # once per run, across chunk boundaries, and only + beta D2 per point: one pass
-                        # over the buffer instead of two. The same arithmetic per element, so the
-                        # result is bit-identical.
-                        for r_lo, r_hi, run, alpha, run_betas in chunk_runs:
-                            if run != built:
-                                torch.addcmul(wt, alpha, d1t, out=base)
-                                built = run
-                            torch.addcmul(base, run_betas, d2t, out=w if r_hi - r_lo == hi - lo else w[r_lo:r_hi])
-                    else:
-                        torch.addcmul(wt, alphas, d1t, out=w)
-                        w.addcmul_(betas, d2t)                            # (k, in, out)
-                    if bias is None:
-                        torch.bmm(xs[lo:hi], w, out=out[lo:hi])
-                    else:
-                        torch.baddbmm(bias if len(bias) == 1 else bias[lo:hi], xs[lo:hi], w, out=out[lo:hi])
+                    out = out + bias.unsqueeze(1)
                 return out.reshape(*x.shape[:-1], module.out_features)
-        elif isinstance(module, nn.Conv2d):
-            def fwd(x):
-                w, bias = value("weight"), value("bias")
-                xs = x.reshape(g, -1, *x.shape[1:])
-                outs = [module._conv_forward(xs[i], w[min(i, len(w) - 1)],
-                                             None if bias is None else bias[min(i, len(bias) - 1)]) for i in range(g)]
-                return torch.cat(outs)
-        elif isinstance(module, nn.LayerNorm):
-            def fwd(x):
-                w, bias = value("weight"), value("bias")
-                xs = x.reshape(g, -1, *x.shape[1:])
-                out = F.layer_norm(xs.float(), module.normalized_shape, None, None, module.eps)
-                shape = lambda v: v.reshape(v.shape[0], *([1] * (xs.dim() - 2)), v.shape[-1]).float()
-                if w is not None:
-                    out = out * shape(w)
-                if bias is not None:
-                    out = out + shape(bias)
-                return out.to(x.dtype).reshape(x.shape)
-        else:  # nn.Embedding
-            def fwd(idx):
-                w = value("weight")                                    # (G, rows, H)
-                ids = idx.reshape(g, -1)
-                rows = torch.stack([F.embedding(ids[i], w[min(i, len(w) - 1)]) for i in range(g)])
-                return rows.reshape(*idx.shape, w.shape[-1])
+            out = self._built_gemm(module, xs, bias, d1t, d2t, g, plans)
+            return out.reshape(*x.shape[:-1], module.out_features)
         return fwd
+
+    def _built_gemm(self, module: nn.Linear, xs, bias, d1t, d2t, g: int, plans: "_Plans"):
+        """Many rows per point: per-point weights W' = W + alpha D1 + beta D2, built k points at a
+        time into one reused buffer that stays in cache and is consumed at once by a batched GEMM.
+        Building all G copies first streams them through memory (slower), and the buffer bounds
+        memory at k copies of the layer. Returns (G, R*T, out)."""
+        wt = module.weight.t().contiguous()                           # (in, out); not cached: +1x model memory
+        k = min(g, self.chunk_points or max(1, CHUNK_BYTES // (wt.numel() * wt.element_size())))
+        chunks, runs = plans.chunks(k, xs.dtype)
+        out = xs.new_empty(g, xs.shape[1], module.out_features)       # (G, R*T, out)
+        buf = xs.new_empty(k, *wt.shape)                              # (k, in, out)
+        base = xs.new_empty(wt.shape) if runs else None
+        if bias is not None:
+            bias = bias.unsqueeze(1)                                  # (G or 1, 1, out)
+        built = None                                                  # the run whose base is built
+        for lo, hi, alphas, betas, chunk_runs in chunks:
+            w = buf if hi - lo == k else buf[: hi - lo]
+            if runs:
+                # Points in a run share alpha (a grid's row, alpha-major): W + alpha D1 is built
+                # once per run, across chunk boundaries, and only + beta D2 per point: one pass
+                # over the buffer instead of two. The same arithmetic per element, so the
+                # result is bit-identical.
+                for r_lo, r_hi, run, alpha, run_betas in chunk_runs:
+                    if run != built:
+                        torch.addcmul(wt, alpha, d1t, out=base)
+                        built = run
+                    torch.addcmul(base, run_betas, d2t, out=w if r_hi - r_lo == hi - lo else w[r_lo:r_hi])
+            else:
+                torch.addcmul(wt, alphas, d1t, out=w)
+                w.addcmul_(betas, d2t)                                # (k, in, out)
+            if bias is None:
+                torch.bmm(xs[lo:hi], w, out=out[lo:hi])
+            else:
+                torch.baddbmm(bias if len(bias) == 1 else bias[lo:hi], xs[lo:hi], w, out=out[lo:hi])
+        return out
 
     @contextlib.contextmanager
     def _weights(self, coef):
@@ -284,6 +266,49 @@ class GridEngine:
                 if u in model.skip_sources:
                     trunk.skips[u] = trunk.h
         return model.head(trunk)
+
+
+
+# ---------------------------------------------------------- grouped module forwards
+def _linear_bias_only(module: nn.Linear, value, g: int):
+    def fwd(x):
+        xs = x.reshape(g, -1, x.shape[-1])                             # (G, R*T, in)
+        return torch.baddbmm(value("bias").unsqueeze(1), xs, module.weight.t().expand(g, -1, -1)
+                             ).reshape(*x.shape[:-1], module.out_features)
+    return fwd
+
+
+def _conv(module: nn.Conv2d, value, g: int):
+    def fwd(x):
+        w, bias = value("weight"), value("bias")
+        xs = x.reshape(g, -1, *x.shape[1:])
+        outs = [module._conv_forward(xs[i], w[min(i, len(w) - 1)],
+                                     None if bias is None else bias[min(i, len(bias) - 1)]) for i in range(g)]
+        return torch.cat(outs)
+    return fwd
+
+
+def _layer_norm(module: nn.LayerNorm, value, g: int):
+    def fwd(x):
+        w, bias = value("weight"), value("bias")
+        xs = x.reshape(g, -1, *x.shape[1:])
+        out = F.layer_norm(xs.float(), module.normalized_shape, None, None, module.eps)
+        shape = lambda v: v.reshape(v.shape[0], *([1] * (xs.dim() - 2)), v.shape[-1]).float()
+        if w is not None:
+            out = out * shape(w)
+        if bias is not None:
+            out = out + shape(bias)
+        return out.to(x.dtype).reshape(x.shape)
+    return fwd
+
+
+def _embedding(module: nn.Embedding, value, g: int):
+    def fwd(idx):
+        w = value("weight")                                            # (G, rows, H)
+        ids = idx.reshape(g, -1)
+        rows = torch.stack([F.embedding(ids[i], w[min(i, len(w) - 1)]) for i in range(g)])
+        return rows.reshape(*idx.shape, w.shape[-1])
+    return fwd
 
 
 class _Plans:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .hooks import pattern_regex
+from ..hooks import pattern_regex
 
 NORMS = ("filter", "layer", "none")
 DEFAULT_PARAMS = "blocks.*"      # every transformer block; skip fusions, embedders and head untouched
@@ -165,3 +165,8 @@ class Axis:
 
     def __str__(self) -> str:
         return f"{self.lo:g}:{self.hi:g}:{self.count}"
+
+    @property
+    def spelling(self) -> str:
+        """``min:max:count``, as the CLIs take it and results record it."""
+        return str(self)

@@ -1,6 +1,6 @@
 """Figures of the analyses: correlation scatter, feature-dynamics heat map, spectral norms.
 
-Like ``plotting``: every function takes a Dataset and returns a matplotlib Figure; none reads files
+Like ``plots.surfaces``: every function takes a Dataset and returns a matplotlib Figure; none reads files
 or computes anything but seed means.
 """
 from __future__ import annotations

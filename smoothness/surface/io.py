@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from . import chain
-from .io_utils import atomic_path, versions
+from ..io_utils import atomic_path, versions
+from ..models import caption_attrs
 
 DIMS = ("model", "step", "readout", "seed", "alpha", "beta")
 REQUIRED_ATTRS = ("config", "metric", "mode", "direction_seed", "norm", "params", "grid_alpha", "grid_beta",
@@ -34,12 +34,12 @@ def surface_attrs(entries, cfg) -> dict:
         "norm": p.directions.norm,
         "params": p.directions.params,
         "include_1d": int(p.directions.include_1d),
-        "grid_alpha": cfg.alpha,
-        "grid_beta": cfg.beta,
-        "chain": f"{cfg.sampler.sampler.upper()}-{cfg.sampler.num_steps}",
+        "grid_alpha": str(cfg.alpha),
+        "grid_beta": str(cfg.beta),
+        "chain": cfg.sampler.label,
         "cfg_scale": cfg.sampler.cfg_scale,
         "class_label": cfg.class_label,
-        **chain.caption_attrs(cfg.caption_embeds),
+        **caption_attrs(cfg.caption_embeds),
         "seeds": json.dumps(list(cfg.seeds)),
         "dtype": cfg.dtype,
         "models": json.dumps({e.label: e.source for e in entries}),

@@ -1,7 +1,7 @@
 """Feature dynamics (Skip-DiT, arXiv 2411.17616 v1 Fig. 4): how much each block's output changes
 from one sampler step to the next, blocks x timesteps, DiT against Skip-DiT.
 
-    from smoothness import dynamics
+    from smoothness.analysis import dynamics
     ds = dynamics.compute({"DiT": dit, "Skip-DiT": skip_dit}, dynamics.DynamicsConfig(seeds=(0, 1)))
     dynamics.heatmap(ds, metric="rel_l2")          # a matplotlib Figure
 
@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import xarray as xr
 
-from . import chain, hooks
-from .diffusion import Diffusion, SamplerConfig
+from .. import chain, hooks
+from .._moved import moved_names
+from ..diffusion import Diffusion, SamplerConfig
+from ..models import Captions, caption_attrs
 
 METRICS = {  # name: long name
     "rel_l2": "relative L2 change of the block output from the previous sampler step",
@@ -41,15 +43,16 @@ class DynamicsConfig:
     seeds: tuple[int, ...] = (0,)   # one chain per seed: x_T and sampler noise
     class_label: int = 0            # ignored by unconditional models
     sites: str = "blocks.*"         # which outputs; any site pattern of smoothness.hooks
-    caption_embeds: str = ""        # text-to-video models: file with the one caption every chain is conditioned on
+    caption_embeds: Captions | None = None   # text-to-video models: the one caption every chain is conditioned on (a path is loaded)
 
     def __post_init__(self):
+        object.__setattr__(self, "caption_embeds", Captions.of(self.caption_embeds))
         chain.check_seeds(self.seeds)
         if self.sampler.num_steps < 2:
             raise ValueError(f"num_steps={self.sampler.num_steps} leaves no consecutive steps; allowed: 2 or more")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return chain.config_json(self)
 
 
 class _Tracker:
@@ -85,7 +88,7 @@ def compute(models, cfg: DynamicsConfig = DynamicsConfig(), log=None) -> xr.Data
     ``timestep`` and ``timestep_prev``. ``models``: {label: model} or a list of entries."""
     entries = chain.as_entries(models)
     diffusion = Diffusion.for_config(cfg.sampler)
-    sites, captions = {}, chain.load_captions(cfg.caption_embeds)
+    sites, captions = {}, cfg.caption_embeds
     for e in entries:                                                  # validate before any work
         sites[e.label] = hooks.resolve_sites(e.model, cfg.sites)
         [_site_index(s) for s in sites[e.label]]
@@ -128,11 +131,8 @@ def compute(models, cfg: DynamicsConfig = DynamicsConfig(), log=None) -> xr.Data
     ds.attrs.update(title="feature dynamics", config=cfg.to_json(), sites=cfg.sites, seeds=json.dumps(list(cfg.seeds)),
                     class_label=cfg.class_label, flatten="sample (all non-batch dims), conditional half",
                     **chain.sampler_attrs(cfg.sampler), **chain.provenance(entries),
-                    **chain.caption_attrs(cfg.caption_embeds))
+                    **caption_attrs(cfg.caption_embeds))
     return ds
 
 
-def heatmap(ds: xr.Dataset, metric: str = "rel_l2", seed=None, log_scale: bool = True):
-    """Blocks (y) x timestep (x, sampling left to right) per model, one shared colour scale."""
-    from .plots_analysis import dynamics_heatmap
-    return dynamics_heatmap(ds, metric=metric, seed=seed, log_scale=log_scale)
+__getattr__ = moved_names(__name__, {"heatmap": "smoothness.plots.analysis:dynamics_heatmap"})

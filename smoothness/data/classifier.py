@@ -1,6 +1,6 @@
 """A small digits classifier trained on the real (held-in) digits: the quality metric for samples.
 
-    python -m smoothness.classifier --out smoothness/models/weights/digits-classifier.pt
+    python -m smoothness.data.classifier --out smoothness/models/weights/digits-classifier.pt
 
 It sees 16x16 images in [-1, 1], as the bundled diffusion models produce them. ``features`` (the
 penultimate layer, 64-d) is the embedding used for the Frechet distance in ``smoothness.metrics``.
@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import data
-from .cli import run_cli
-from .io_utils import atomic_path
+from ..cli import run_cli
+from ..io_utils import atomic_path
+from ..models.bundled import weight_path
+from . import digits as data
 
 
 class DigitClassifier(nn.Module):
@@ -74,7 +75,6 @@ def save(model: DigitClassifier, path: Path):
 
 
 def load(path: str | Path | None = None) -> DigitClassifier:
-    from .models.bundled import weight_path
     path = Path(path) if path else weight_path("digits-classifier")
     sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
     model = DigitClassifier()
@@ -83,7 +83,7 @@ def load(path: str | Path | None = None) -> DigitClassifier:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m smoothness.classifier", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m smoothness.data.classifier", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="where to write the classifier (.pt)")
     p.add_argument("--epochs", type=int, default=30, help="(default: 30)")

@@ -1,0 +1,156 @@
+"""Smoothness against caching quality: does a flatter surface at a sampler step go with a smaller
+caching error at that step?
+
+    python -m smoothness.correlate                         # bundled DiT and Skip-DiT -> results/ (~2.5 CPU-min)
+    python -m smoothness.correlate --seeds 0,1,2,3,4 --grid=-0.25:0.25:11 --window 4
+
+For every model, sampler step s and seed (one uncached chain per seed, batch 1, class 0: the same
+chains as the surfaces), three things are measured:
+
+* smoothness: the scores of the step-s surface (``surface.scores.smoothness_scores``; larger = rougher);
+* the per-step caching error (``cosine_distance``, ``rel_l2``: the cached output at step s against
+  the uncached one on the same x_s) and the window error (``psnr`` of the final sample when the
+  steps around s are cached); both are defined in ``smoothness.analysis.caching_error``.
+
+The cache is Skip-Cache on models with skip branches and deep-reuse (DeepCache-style) on models
+without (``method="auto"``), k units recomputed on each side.
+
+Spearman and Pearson coefficients are computed over the (model, step) points of each group
+(``all`` pools the models; then one group per model) on seed means. Their intervals are percentile
+bootstrap intervals over seeds: seeds are drawn with replacement (one draw for both variables), the
+points re-averaged and the coefficient recomputed; NaN with fewer than 2 seeds.
+
+The CLI computes each model in its own process (``--jobs``, default 2: the bundled pair on two
+cores), writes ``<name>.nc`` (this Dataset), ``<name>_surface.nc`` (the surfaces) and
+``<name>.png`` (the scatter plot), and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import xarray as xr
+
+from .. import chain
+from ..cache import CacheConfig
+from ..cli import add_model_args, parse_int_list
+from ..diffusion import SAMPLERS, SamplerConfig
+from ..io_utils import atomic_path, check_writable
+from ..models import Captions, bundled, load_entries
+from ..plots.analysis import correlation_scatter
+from ..surface import SurfaceConfig, io
+from ..surface import dataset as surface_dataset
+from ..surface.perturb import Axis, DirectionSpec
+from .caching_error import ERRORS, caching_errors
+from .correlate import SCORES, CorrelateConfig, compute, table
+
+
+def _parser():
+    d = CorrelateConfig()
+    s = d.surface
+    p = argparse.ArgumentParser(prog="python -m smoothness.correlate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    add_model_args(p)
+    a("--steps", default=",".join(map(str, s.steps)), help=f"sampler steps, 1-based (default: {','.join(map(str, s.steps))})")
+    a("--num-steps", type=int, default=s.sampler.num_steps, help=f"chain length (default: {s.sampler.num_steps})")
+    a("--sampler", default=s.sampler.sampler, help=f"{' or '.join(SAMPLERS)} (default: {s.sampler.sampler})")
+    a("--cfg-scale", type=float, default=s.sampler.cfg_scale, help=f"guidance >= 1 (default: {s.sampler.cfg_scale})")
+    a("--seeds", default=",".join(map(str, s.seeds)), help=f"chain seeds (default: {','.join(map(str, s.seeds))})")
+    a("--class-label", type=int, default=s.class_label, help=f"(default: {s.class_label})")
+    a("--caption-embeds", default="", metavar="FILE",
+      help="text-to-video checkpoints: one caption's embeddings (L, C) or (1, L, C), .pt or .safetensors, "
+           "conditioning every chain (default: none)")
+    a("--grid", default=str(s.alpha), help=f"min:max:count of alpha and beta (default: {s.alpha})")
+    a("--direction-seed", type=int, default=s.perturbation.directions.seed,
+      help=f"seed of the surface directions (default: {s.perturbation.directions.seed})")
+    a("--method", default=d.method, help=f"auto, skip-cache, deep-reuse, delta or fora (default: {d.method}: "
+      "skip-cache on models with skip branches, deep-reuse on the others)")
+    a("--k", type=int, default=d.k, help=f"units recomputed on each side (default: {d.k})")
+    a("--lag", type=int, default=d.lag, help=f"per-step error: cache filled at step s-lag (default: {d.lag})")
+    a("--window", type=int, default=d.window, help=f"window error: steps s-W..s+W cached (default: {d.window})")
+    a("--resamples", type=int, default=d.n_resamples, help=f"bootstrap resamples (default: {d.n_resamples})")
+    a("--confidence", type=float, default=d.confidence, help=f"bootstrap coverage (default: {d.confidence})")
+    a("--bootstrap-seed", type=int, default=d.bootstrap_seed, help=f"(default: {d.bootstrap_seed})")
+    a("--score", default="mean_deviation", help=f"smoothness score on the plot's x axis: {', '.join(SCORES)} "
+      "(default: mean_deviation)")
+    a("--error", default="rel_l2", help=f"caching error on the plot's y axis: {', '.join(ERRORS)} (default: rel_l2)")
+    a("--jobs", type=int, default=2, help="models computed side by side, one process each (default: 2, the "
+      "bundled pair on two cores)")
+    a("--threads", type=int, default=1, help="torch CPU threads per process (default: 1: the models are small)")
+    a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
+    a("--name", default="correlate", help="file stem inside --out (default: correlate)")
+    return p
+
+
+def config_from_args(args) -> CorrelateConfig:
+    """The flags as a CorrelateConfig: grid parsed, the caption file loaded, once."""
+    d = CorrelateConfig()
+    if args.score not in SCORES:
+        raise ValueError(f"unknown --score {args.score!r}; allowed: {', '.join(SCORES)}")
+    if args.error not in ERRORS:
+        raise ValueError(f"unknown --error {args.error!r}; allowed: {', '.join(ERRORS)}")
+    if args.threads < 1:
+        raise ValueError(f"--threads={args.threads} is not allowed; use a positive integer")
+    sampler = SamplerConfig(num_steps=args.num_steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
+                            clip_denoised=d.surface.sampler.clip_denoised)
+    pert = replace(d.surface.perturbation, directions=DirectionSpec(seed=args.direction_seed))
+    grid = Axis.parse(args.grid, "alpha grid")
+    surf = SurfaceConfig(steps=tuple(sorted(set(parse_int_list(args.steps, "--steps")))), sampler=sampler,
+                         alpha=grid, beta=Axis.parse(args.grid, "beta grid"), perturbation=pert,
+                         seeds=tuple(parse_int_list(args.seeds, "--seeds")), class_label=args.class_label,
+                         caption_embeds=Captions.of(args.caption_embeds))
+    return CorrelateConfig(surface=surf, method=args.method, k=args.k, lag=args.lag, window=args.window,
+                           n_resamples=args.resamples, confidence=args.confidence, bootstrap_seed=args.bootstrap_seed)
+
+
+def _one_model(name: str, num_heads, cfg: CorrelateConfig, threads: int):
+    """Surfaces and caching errors of one model (a worker of ``main``; loads the model itself)."""
+    torch.set_num_threads(threads)
+    entries = load_entries([name], num_heads)
+    return (surface_dataset.compute(entries, cfg.surface, progress=False),
+            caching_errors(entries, cfg.caching_error, log=print))
+
+
+def _run(names, num_heads, cfg: CorrelateConfig, jobs: int, threads: int):
+    """[(surfaces, caching errors)] per model, in ``jobs`` processes (each model in its own)."""
+    work = (names, [num_heads] * len(names), [cfg] * len(names), [threads] * len(names))
+    if min(jobs, len(names)) > 1:
+        with ProcessPoolExecutor(min(jobs, len(names)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(_one_model, *work))
+    return [_one_model(*w) for w in zip(*work)]
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs={args.jobs} is not allowed; use a positive integer")
+    out = check_writable(args.out)
+    torch.set_num_threads(args.threads)
+    names = (args.model or []) + (args.ckpt or []) or list(bundled.DEFAULT_PAIR)
+    entries = load_entries(names, args.num_heads)
+    for e in entries:                                                  # validate before any work
+        CacheConfig(method=cfg.method_for(e.model), k=cfg.k).check(e.model)
+        chain.labels(e.model, cfg.surface.class_label, who=e.label, captions=cfg.surface.captions)
+    t0 = time.time()
+    parts = _run(names, args.num_heads, cfg, args.jobs, args.threads)
+    surfaces = xr.concat([p[0] for p in parts], dim="model", combine_attrs="override")
+    surfaces.attrs.update(io.surface_attrs(entries, cfg.surface))
+    errors = xr.concat([p[1] for p in parts], dim="model", combine_attrs="override")
+    surf_path, nc, png = out / f"{args.name}_surface.nc", out / f"{args.name}.nc", out / f"{args.name}.png"
+    io.save(surfaces, surf_path)
+    ds = compute(entries, cfg, surfaces=surfaces, errors=errors)
+    ds.attrs.update(seconds=time.time() - t0, jobs=args.jobs, torch_threads=args.threads)
+    with atomic_path(nc) as tmp:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+    fig = correlation_scatter(ds, args.score, args.error)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    print(table(ds))
+    print(f"done in {time.time() - t0:.0f}s: {nc}, {surf_path}, {png}")

@@ -1,0 +1,196 @@
+"""Sample a labelled grid from DiT models: the bundled pair by default, or any checkpoint.
+
+    python -m smoothness.sample                                   # both bundled models -> figures/
+    python -m smoothness.sample --model digits-skip-dit --cfg-scale 1.5 --seed 3
+    python -m smoothness.sample --ckpt path/to/DiT-XL-2-256x256.pt --num-sampling-steps 50
+    python -m smoothness.sample --ckpt Latte-skip.pt --caption-embeds prompts.pt \
+        --sampler ddim --num-sampling-steps 50 --cfg-scale 7.5        # text-to-video, as the Latte pipeline
+
+Flags follow facebookresearch/DiT's ``sample.py``. One row per class, ``--per-class`` columns.
+Text-to-video checkpoints take precomputed caption embeddings (no text encoder is needed): one row
+per caption, ``--per-class`` videos each, drawn as frame strips; the latents are also saved as
+``samples_<label>.pt`` (N, C, F, H, W) for decoding elsewhere.
+Latent checkpoints (4 channels) are shown as their first latent channel: decoding needs the SD VAE,
+which is not bundled.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import chain, metrics
+from ..cli import parse_int_list, run_cli
+from ..diffusion import SAMPLERS, Diffusion, SamplerConfig
+from ..io_utils import atomic_path, check_writable
+from ..models import Captions, bundled
+from ..plots.samples import grid_figure, strip_figure, write_gif
+
+__all__ = ["generate", "generate_text", "grid_figure", "main", "score", "strip_figure", "write_gif"]
+
+
+def generate(model, classes: list[int], per_class: int, config: SamplerConfig, seed: int) -> torch.Tensor:
+    """(len(classes) * per_class, *model.sample_shape()) samples, class-major, deterministic from
+    ``seed``. Unconditional models draw as many samples, unlabelled."""
+    c = model.config
+    for y in classes:
+        if c.num_classes and not 0 <= y < c.num_classes:
+            raise ValueError(f"class label {y} is not allowed; this model has classes 0..{c.num_classes - 1}")
+    y = torch.tensor([k for k in classes for _ in range(per_class)])
+    n = len(y)
+    if not c.num_classes:
+        y = None
+        config = SamplerConfig(**{**config.__dict__, "cfg_scale": 1.0})     # nothing to guide
+    diffusion = Diffusion.for_config(config)
+    with torch.inference_mode():
+        return diffusion.sample(model, (n, *model.sample_shape()), y, config, seed=seed)
+
+
+def generate_text(model, captions: torch.Tensor, per_caption: int, config: SamplerConfig, seed: int) -> torch.Tensor:
+    """(len(captions) * per_caption, C, F, H, W) videos, caption-major, deterministic from ``seed``.
+    captions: (N, L, caption_channels); CFG's unconditional input is ``model.null_condition``."""
+    model.check_captions(captions)
+    y = captions.repeat_interleave(per_caption, dim=0)                   # (N*per, L, C)
+    c = model.config
+    diffusion = Diffusion.for_config(config)
+    with torch.inference_mode():
+        return diffusion.sample(model, (len(y), c.in_channels, c.num_frames, c.input_size, c.input_size), y, config,
+                                seed=seed)
+
+
+def _parser():
+    d = SamplerConfig(**bundled.DIGITS_SAMPLER)
+    p = argparse.ArgumentParser(prog="python -m smoothness.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help=f"bundled model, repeatable (default: {' and '.join(bundled.DEFAULT_PAIR)})")
+    p.add_argument("--ckpt", action="append", type=Path, metavar="PATH",
+                   help="checkpoint path, repeatable; its model is built by config inference")
+    p.add_argument("--num-heads", type=int, default=None, help="override heads for --ckpt (default: by width)")
+    p.add_argument("--num-sampling-steps", type=int, default=d.num_steps, help=f"(default: {d.num_steps})")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=d.sampler, help=f"(default: {d.sampler})")
+    p.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help=f"guidance scale >= 1 (default: {d.cfg_scale})")
+    p.add_argument("--classes", default=None, help="class labels, one row each (default: 0..9; not allowed for "
+                   "unconditional models, which draw 10 x --per-class samples)")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
+    p.add_argument("--score-samples", type=int, default=0, metavar="N",
+                   help="also draw N samples per model (classes balanced) and print the digits classifier's "
+                        "accuracy and the Frechet distance to held-out digits; for the moving-digits video "
+                        "models, N videos and the classifier's confidence and label consistency per frame "
+                        "(default: 0, off)")
+    p.add_argument("--batch-size", type=int, default=250, help="samples per batch when scoring (default: 250)")
+    p.add_argument("--caption-embeds", type=Path, metavar="FILE",
+                   help="caption embeddings (L, C) or (N, L, C), .pt or .safetensors, for text-to-video checkpoints")
+    p.add_argument("--negative-embeds", type=Path, metavar="FILE",
+                   help="negative-prompt embedding (L, C), the CFG unconditional input (default: zeros)")
+    return p
+
+
+def _load_models(args, captions, negative) -> list:
+    """[(name, model)], each checked against the flags before any sampling."""
+    names = (args.model or []) + [str(c) for c in (args.ckpt or [])] or list(bundled.DEFAULT_PAIR)
+    models = [(n, bundled.load(n, num_heads=args.num_heads)) for n in names]   # fail before any work
+    for n, model in models:
+        if args.score_samples:
+            _check_scorable(model, n)
+        if not model.config.num_classes and args.classes is not None:
+            raise ValueError(f"--classes {args.classes} given, but {n} is unconditional (no class labels)")
+    if negative is not None and captions is None:
+        raise ValueError("--negative-embeds needs --caption-embeds")
+    for name, model in models:
+        chain.check_captions_for(model, captions, name)
+        if captions is not None:
+            model.set_negative_embeds(chain.embeds(negative))
+    return models
+
+
+def _draw(model, label: str, classes, args, config: SamplerConfig, captions, out: Path):
+    """Sample one model's grid (or strips) and write its pictures; returns (samples, written paths)."""
+    guidance = f"cfg {config.cfg_scale}" if model.config.num_classes or captions is not None else "unconditional"
+    title = f"{label}: {config.label}, {guidance}, seed {args.seed}"
+    written = []
+    if captions is not None:
+        samples = generate_text(model, captions.embeds, args.per_class, config, args.seed)
+        fig = strip_figure(samples, title, pixel_range=False)
+        with atomic_path(out / f"samples_{label}.pt") as tmp:
+            torch.save(samples, tmp)
+    else:
+        samples = generate(model, classes, args.per_class, config, args.seed)
+        if samples.dim() == 5:
+            fig = strip_figure(samples, title, pixel_range=bundled.is_pixel(model))
+            write_gif(samples, out / f"samples_{label}.gif")
+            written.append(out / f"samples_{label}.gif")
+        else:
+            fig = grid_figure(samples, classes, title)
+    path = out / f"samples_{label}.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    return samples, [path] + written
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    classes = parse_int_list(args.classes or "0,1,2,3,4,5,6,7,8,9", "--classes")
+    if args.per_class < 1:
+        raise ValueError(f"--per-class={args.per_class} is not allowed; use a positive integer")
+    config = SamplerConfig(num_steps=args.num_sampling_steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
+                           clip_denoised=True)
+    out = check_writable(args.out)
+    captions, negative = Captions.of(args.caption_embeds), Captions.of(args.negative_embeds)
+    models = _load_models(args, captions, negative)
+    for name, model in models:
+        model_config = config if bundled.is_pixel(model) else SamplerConfig(
+            num_steps=config.num_steps, sampler=config.sampler, cfg_scale=config.cfg_scale)
+        t0 = time.time()
+        label = bundled.label(name)
+        samples, paths = _draw(model, label, classes, args, model_config, captions, out)
+        print(f"{label}: {len(samples)} samples in {time.time() - t0:.1f}s -> {paths[0]}"
+              + (f", {paths[1]}" if len(paths) > 1 else ""))
+        if args.score_samples:
+            score(label, model, args.score_samples, args.batch_size, model_config, args.seed)
+
+
+def _check_scorable(model, label: str):
+    if not (bundled.is_pixel_digits(model) or (bundled.is_pixel(model) and model.family == "latte"
+                                               and not model.config.num_classes)):
+        raise ValueError(f"--score-samples needs a bundled-data model (16x16, one channel: class-conditional "
+                         f"digits or unconditional moving digits); {label} is not one")
+
+
+def score(label, model, n: int, batch_size: int, config: SamplerConfig, seed: int):
+    """Digits models: classifier accuracy and Frechet distance of ``n`` class-balanced samples.
+    Moving-digits video models: ``metrics.video_digit_scores`` of ``n`` unconditional videos."""
+    _check_scorable(model, label)
+    t0 = time.time()
+    video = model.family == "latte"
+    if video:
+        config = SamplerConfig(**{**config.__dict__, "cfg_scale": 1.0})     # unconditional: nothing to guide
+    labels = torch.arange(n) % 10
+    parts = []
+    for i, start in enumerate(range(0, n, batch_size)):
+        rows = min(batch_size, n - start)
+        y = None if video else labels[start:start + rows]
+        diffusion = Diffusion.for_config(config)
+        with torch.inference_mode():
+            parts.append(diffusion.sample(model, (rows, *model.sample_shape()), y, config, seed=seed + 1000 + i))
+    samples = torch.cat(parts)
+    how = f"({config.label}, cfg {config.cfg_scale}, seed {seed}, {time.time() - t0:.0f}s)"
+    if video:
+        sc = metrics.video_digit_scores(samples)
+        print(f"{label}: {n} videos, classifier confidence {sc['confidence']:.3f}, frames with confidence >= 0.9 "
+              f"{sc['confident_frames']:.3f}, label consistency {sc['label_consistency']:.3f}, digits covered "
+              f"{sc['digits_covered']:.1f} " + how)
+        return sc
+    acc = float(metrics.classifier_accuracy(samples, labels))
+    fd = float(metrics.frechet_distance(samples))
+    print(f"{label}: accuracy {acc:.4f} on {n} samples, Frechet distance {fd:.3f} " + how)
+    return acc, fd
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,158 @@
+"""Feature-smoothness surfaces (Skip-DiT, arXiv 2411.17616, Fig. 2) for any DiT.
+
+    python -m smoothness.surface --step 250                 # bundled DiT vs Skip-DiT -> results/
+    python -m smoothness.surface --steps 10,250 --grid=-0.2:0.2:21 --readout output,blocks.5
+    python -m smoothness.surface --ckpt DiT-XL-2-256x256.pt --ckpt DiT-XL-2-skip.pt --dtype bfloat16
+
+The model is perturbed along two random directions d1, d2 with strengths alpha and beta
+(theta' = theta + alpha*d1 + beta*d2 in the default ``weights`` mode, with d1, d2 filter-normalized
+so that alpha = 0.1 moves every weight row by 10 % of its norm). At each requested sampler step the
+perturbed model's output (and any recorded site) is compared with the original's; the surface is
+that similarity over the (alpha, beta) grid. ``local`` mode evaluates on the unperturbed chain's
+x_t at that step; ``trajectory`` mode runs the perturbed model along the whole chain to the step.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import xarray as xr
+
+from .. import chain, hooks
+from ..cli import add_model_args, parse_int_list
+from ..diffusion import SAMPLERS
+from ..io_utils import atomic_path, check_writable
+from ..models import Captions, bundled, load_entries
+from ..plots import surfaces as plotting
+from . import io, similarity
+from .dataset import compute, empty_dataset
+from .config import DTYPES, SurfaceConfig
+from .engine import MODES, GridEngine, Perturbation
+from .evaluation import EVALUATIONS, readout_sites
+from .perturb import NORMS, Axis, DirectionSpec
+
+
+def _parser():
+    d = SurfaceConfig()
+    p = argparse.ArgumentParser(prog="python -m smoothness.surface", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    add_model_args(p)
+    a("--steps", "--step", dest="steps", default=None,
+      help="sampler steps, 1-based, comma-separated (default: 10 and the last step, as the paper's "
+           "DDPM steps 10 and 250)")
+    a("--num-steps", type=int, default=d.sampler.num_steps, help=f"chain length (default: {d.sampler.num_steps})")
+    a("--sampler", choices=list(SAMPLERS), default=d.sampler.sampler, help=f"(default: {d.sampler.sampler})")
+    a("--grid", default=None, help=f"min:max:count for both alpha and beta (default: {d.alpha})")
+    a("--alpha", default=None, help="alpha range min:max:count (default: --grid)")
+    a("--beta", default=None, help="beta range min:max:count (default: --grid)")
+    a("--mode", choices=list(MODES), default=d.perturbation.mode,
+      help=f"where the perturbation goes (default: {d.perturbation.mode})")
+    a("--site", default=None, help="site perturbed in --mode features, e.g. blocks.5 (default: none)")
+    a("--params", default=d.perturbation.directions.params,
+      help=f"parameters perturbed in --mode weights: blocks.*, blocks.0-6, skips.*, all, comma-separated "
+           f"(default: {d.perturbation.directions.params})")
+    a("--include-1d", action="store_true", help="also perturb biases and norm scales (default: off)")
+    a("--norm", choices=list(NORMS), default=d.perturbation.directions.norm,
+      help=f"direction normalization (default: {d.perturbation.directions.norm})")
+    a("--direction-seed", type=int, default=d.perturbation.directions.seed,
+      help=f"seed of d1, d2 (default: {d.perturbation.directions.seed})")
+    a("--readout", default=",".join(d.readouts), help="what is compared: output and/or sites such as blocks.5, "
+      f"comma-separated (default: {','.join(d.readouts)})")
+    a("--metric", choices=list(similarity.METRICS), default=d.metric, help=f"(default: {d.metric})")
+    a("--flatten", choices=list(similarity.FLATTENS), default=d.flatten,
+      help=f"compare whole samples or per token (default: {d.flatten})")
+    a("--evaluation", choices=list(EVALUATIONS), default=d.evaluation,
+      help=f"local: at the chain's x_t; trajectory: perturbed chain up to the step (default: {d.evaluation})")
+    a("--seeds", "--seed", dest="seeds", default=",".join(map(str, d.seeds)),
+      help=f"chain seeds (x_T and sampler noise), comma-separated (default: {','.join(map(str, d.seeds))})")
+    a("--class-label", type=int, default=d.class_label, help=f"(default: {d.class_label})")
+    a("--caption-embeds", default="", metavar="FILE",
+      help="text-to-video checkpoints: one caption's embeddings (L, C) or (1, L, C), .pt or .safetensors, "
+           "conditioning every chain (default: none)")
+    a("--cfg-scale", type=float, default=d.sampler.cfg_scale, help=f"guidance >= 1 (default: {d.sampler.cfg_scale})")
+    a("--device", default=d.device, help=f"(default: {d.device})")
+    a("--dtype", choices=list(DTYPES), default=d.dtype, help=f"(default: {d.dtype})")
+    a("--batch-size", type=int, default=d.batch_size,
+      help=f"grid points per forward; in local mode each point carries every step's and seed's x_t "
+           f"(x2 with CFG) as rows (default: {d.batch_size})")
+    a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
+    a("--name", default="surface", help="file stem inside --out (default: surface)")
+    a("--resume", action="store_true", help="continue from <out>/<name>.partial.nc")
+    return p
+
+
+def config_from_args(args) -> SurfaceConfig:
+    """The flags as a SurfaceConfig: grids parsed, the caption file loaded, once."""
+    d = SurfaceConfig()
+    grid = args.grid or str(d.alpha)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device!r} is not available here; allowed: cpu"
+                         + (", cuda" if torch.cuda.is_available() else ""))
+    pert = Perturbation(mode=args.mode, site=args.site,
+                        directions=DirectionSpec(seed=args.direction_seed, norm=args.norm, params=args.params,
+                                                 include_1d=args.include_1d))
+    sampler = replace(d.sampler, num_steps=args.num_steps, sampler=args.sampler, cfg_scale=args.cfg_scale)
+    steps = parse_int_list(args.steps, "--steps") if args.steps else [min(10, args.num_steps), args.num_steps]
+    alpha, beta = Axis.parse(args.alpha or grid, "alpha grid"), Axis.parse(args.beta or grid, "beta grid")
+    return SurfaceConfig(steps=tuple(sorted(set(steps))), sampler=sampler, alpha=alpha, beta=beta, perturbation=pert,
+                         evaluation=args.evaluation,
+                         readouts=tuple(r.strip() for r in args.readout.split(",") if r.strip()),
+                         metric=args.metric, flatten=args.flatten,
+                         seeds=tuple(parse_int_list(args.seeds, "--seeds")), class_label=args.class_label,
+                         caption_embeds=Captions.of(args.caption_embeds),
+                         batch_size=args.batch_size, dtype=args.dtype, device=args.device)
+
+
+def write_figures(ds: xr.Dataset, out: Path, name: str) -> list[Path]:
+    written = []
+    for kind, suffix in (("3d", ""), ("contour", "_contour")):
+        fig = plotting.surfaces(ds, kind=kind)
+        path = out / f"{name}{suffix}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+        written.append(path)
+    fig = plotting.heatmap(ds)
+    path = out / f"{name}_heatmap.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    written.append(path)
+    path = out / f"{name}.html"
+    with atomic_path(path) as tmp:
+        plotting.surfaces_plotly(ds).write_html(tmp, include_plotlyjs=True)
+    written.append(path)
+    return written
+
+
+def _validate(entries, cfg: SurfaceConfig):
+    """Every condition, perturbed site and readout, for every model, before any work."""
+    for e in entries:
+        chain.labels(e.model, cfg.class_label, 1, who=e.label, captions=cfg.captions)
+        if cfg.perturbation.mode == "weights":
+            GridEngine(e.model, cfg.perturbation)
+        elif cfg.perturbation.site:
+            hooks.resolve_sites(e.model, cfg.perturbation.site)
+        for r in readout_sites(cfg.readouts):
+            hooks.resolve_sites(e.model, r)
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    cfg = config_from_args(args)
+    out = check_writable(args.out)
+    names = (args.model or []) + (args.ckpt or []) or list(bundled.DEFAULT_PAIR)
+    entries = load_entries(names, args.num_heads)
+    _validate(entries, cfg)
+    partial, final = out / f"{args.name}.partial.nc", out / f"{args.name}.nc"
+    resume_from = io.resumable(partial, empty_dataset(entries, cfg)) if args.resume else None
+    if resume_from is not None:
+        print(f"resuming from {partial}")
+    t0 = time.time()
+    ds = compute(entries, cfg, partial=partial, resume_from=resume_from)
+    io.save(ds, final)
+    partial.unlink(missing_ok=True)
+    paths = [final] + write_figures(ds, out, args.name)
+    print(f"done in {time.time() - t0:.0f}s: " + ", ".join(str(p) for p in paths))

@@ -1,0 +1,148 @@
+"""Surfaces as labelled datasets: the grid plan, the empty dataset, and ``compute`` filling it one
+chunk of grid points at a time (every requested step and seed of a chunk together), resumably."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from .. import chain, hooks
+from ..diffusion import Diffusion
+from ..models import ModelEntry
+from . import io, similarity
+from .config import DTYPES, SurfaceConfig
+from .engine import GridEngine
+from .evaluation import chain_inputs, local, readout_sites, trajectory
+from .scores import smoothness_scores
+
+DIMS = io.DIMS
+
+
+def _grid_points(cfg: SurfaceConfig) -> np.ndarray:
+    """(P, 2) alpha-major points; the chunk holding the origin is evaluated first."""
+    a, b = np.meshgrid(cfg.alphas, cfg.betas, indexing="ij")
+    return np.stack([a.ravel(), b.ravel()], axis=1)
+
+
+def _chunks(points: np.ndarray, size: int) -> list[np.ndarray]:
+    idx = np.arange(len(points))
+    chunks = [idx[i:i + size] for i in range(0, len(points), size)]
+    origin = int(np.flatnonzero((points == 0).all(axis=1))[0])
+    first = next(i for i, c in enumerate(chunks) if origin in c)
+    return [chunks[first]] + chunks[:first] + chunks[first + 1:]
+
+
+def empty_dataset(entries: list[ModelEntry], cfg: SurfaceConfig) -> xr.Dataset:
+    diffusion = Diffusion.for_config(cfg.sampler)
+    steps = sorted(cfg.steps)
+    shape = (len(entries), len(steps), len(cfg.readouts), len(cfg.seeds), len(cfg.alphas), len(cfg.betas))
+    long_name, units, _ = similarity.METRICS[cfg.metric]
+    ds = xr.Dataset(
+        {"surface": (DIMS, np.full(shape, np.nan), {"long_name": long_name, "units": units, "metric": cfg.metric})},
+        coords={
+            "model": [e.label for e in entries],
+            "step": ("step", steps, {"long_name": "sampler iteration (1-based)"}),
+            "timestep": ("step", [diffusion.timestep_of(s) for s in steps],
+                         {"long_name": "DDPM timestep t on the 1000-step scale"}),
+            "readout": list(cfg.readouts),
+            "seed": list(cfg.seeds),
+            "alpha": ("alpha", cfg.alphas, {"long_name": "coefficient alpha (direction d1)", "units": "1"}),
+            "beta": ("beta", cfg.betas, {"long_name": "coefficient beta (direction d2)", "units": "1"}),
+        },
+    )
+    ds.attrs.update(io.surface_attrs(entries, cfg))
+    return ds
+
+
+def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | None = None,
+            resume_from: xr.Dataset | None = None, progress: bool = True, log=print) -> xr.Dataset:
+    """Fill a surface Dataset, one chunk of grid points at a time, every step of a chunk together.
+    After each chunk the partial result is saved to ``partial`` (atomically); ``resume_from`` skips
+    the chunks already complete there. The chunk holding the origin always runs (it is the
+    reference), and a chunk always runs whole, so a resumed result is bit-identical."""
+    log = log or (lambda *_: None)
+    ds = resume_from.copy(deep=True) if resume_from is not None else empty_dataset(entries, cfg)
+    points = _grid_points(cfg)
+    chunks = _chunks(points, cfg.batch_size)
+    values = np.ascontiguousarray(ds["surface"].values)     # (model, step, readout, seed, alpha, beta)
+    ds["surface"].values = values
+    cells = values.reshape(*values.shape[:4], -1)            # a view: grid points flattened, as ``points``
+    bar = tqdm(total=len(entries) * len(chunks), disable=not progress, desc="surface", unit="chunk")
+    for m, e in enumerate(entries):
+        todo = [c_i for c_i, chunk in enumerate(chunks) if c_i == 0 or np.isnan(cells[m][..., chunk]).any()]
+        if len(todo) == 1 and not np.isnan(cells[m][..., chunks[0]]).any():
+            bar.update(len(chunks))                          # every chunk done (the origin's too)
+            continue
+        _fill_model(e, cfg, points, [(c_i, chunks[c_i]) for c_i in todo], cells[m],
+                    save=(lambda: io.save(ds, partial)) if partial is not None else None,
+                    advance=bar.update, skipped=len(chunks) - len(todo))
+        for s_i in range(len(cfg.steps)):
+            _summary(ds, m, s_i, log)
+    bar.close()
+    return ds
+
+
+def _fill_model(e: ModelEntry, cfg: SurfaceConfig, points: np.ndarray, todo, cells: np.ndarray, save, advance,
+                skipped: int):
+    """Evaluate the chunks ``todo`` [(index, point indices)] of one model into ``cells`` (step,
+    readout, seed, point), saving after each; chunk 0 (the origin's) is always among them."""
+    diffusion = Diffusion.for_config(cfg.sampler)
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
+    e.model.to(device=device, dtype=dtype).eval()
+    if not (e.model.config.num_classes or chain.is_text(e.model)) and cfg.sampler.cfg_scale != 1.0:
+        raise ValueError(f"cfg_scale={cfg.sampler.cfg_scale:g} needs a conditional model; {e.label} is "
+                         "unconditional (use a guidance scale of 1)")
+    engine, spec = GridEngine(e.model, cfg.perturbation), cfg.eval_spec
+    for r in readout_sites(cfg.readouts):
+        hooks.resolve_sites(e.model, r)
+    shape = (1, *e.model.sample_shape())
+    y1 = chain.labels(e.model, cfg.class_label, 1, device, who=e.label, captions=cfg.captions,
+                      dtype=dtype)                                       # None if unconditional
+    advance(skipped)
+    with torch.inference_mode():
+        if cfg.evaluation == "local":
+            inputs = [chain_inputs(e.model, spec, diffusion, seed, y1, shape, dtype) for seed in cfg.seeds]
+        ref = {}
+        for _, chunk in todo:
+            coef = (torch.tensor(points[chunk, 0]), torch.tensor(points[chunk, 1]))
+            if cfg.evaluation == "local":
+                data = local(e.model, spec, diffusion, inputs, y1, coef, engine)
+            else:
+                per_seed = [trajectory(e.model, spec, diffusion, seed, y1, coef, engine, shape, dtype)
+                            for seed in cfg.seeds]
+                data = {k: torch.cat([d[k] for d in per_seed], dim=1) for k in per_seed[0]}
+            _compare(e.label, cfg, data, ref, points, chunk, cells)
+            if save is not None:
+                save()
+            advance(1)
+
+
+def _compare(label: str, cfg: SurfaceConfig, data, ref: dict, points: np.ndarray, chunk: np.ndarray,
+             cells: np.ndarray):
+    """Similarity of a chunk's readouts to the origin's (the first chunk sets ``ref``) into ``cells``."""
+    origin = np.flatnonzero((points[chunk] == 0).all(axis=1))
+    for s_i, step in enumerate(sorted(cfg.steps)):
+        for r_i, r in enumerate(cfg.readouts):
+            feats = data[(r, step)]                                      # (G, N, ...)
+            if not torch.isfinite(feats).all():
+                bad = chunk[int(torch.nonzero(~torch.isfinite(feats.flatten(1)).all(1))[0])]
+                raise ValueError(f"{label}: the perturbed model gave non-finite {r} at step {step} "
+                                 f"(alpha={points[bad, 0]:g}, beta={points[bad, 1]:g}); use a smaller grid range")
+            if (r, step) not in ref:
+                ref[r, step] = feats[int(origin[0])]
+            cells[s_i, r_i][:, chunk] = similarity.compare(feats, ref[r, step], cfg.metric, cfg.flatten).numpy().T
+
+
+def _summary(ds: xr.Dataset, m: int, s: int, log):
+    sub = ds.isel(model=[m], step=[s])
+    sc = smoothness_scores(sub).isel(model=0, step=0).mean("seed")
+    for r in ds.readout.values:
+        v = sub["surface"].sel(readout=r).isel(model=0, step=0)
+        log(f"{ds.model.values[m]} step {int(ds.step[s])} (t={int(ds.timestep[s])}) {r}: "
+            f"{ds.attrs['metric']} min {float(v.min()):.4f} mean {float(v.mean()):.4f}; "
+            f"mean deviation {float(sc['mean_deviation'].sel(readout=r)):.3g}, "
+            f"total variation {float(sc['total_variation'].sel(readout=r)):.3g}, "
+            f"curvature at origin {float(sc['curvature'].sel(readout=r)):.3g}")
