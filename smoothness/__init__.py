@@ -2,8 +2,8 @@
 
 Where things live (imports go downward only; ``tests/test_layers.py`` keeps it so):
 
-    util      cli, io_utils                                   flag helpers, atomic files
-    core      models/, diffusion, hooks, chain, data/, metrics  models, sampling, sites, fidelity
+    util      io_utils                                         atomic files, checksums, versions
+    core      models/, diffusion, hooks, chain, data/, metrics, cli   models, sampling, sites, fidelity, flags
     engines   surface/, cache/                                 perturbation surfaces; cached inference
     analysis  analysis/                                        caching error, correlation, dynamics, spectra
     plots     plots/                                           drawing from data only

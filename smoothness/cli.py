@@ -1,7 +1,10 @@
-"""Shared CLI plumbing: user errors print one line and exit 2, never a traceback."""
+"""Shared CLI plumbing: user errors print one line and exit 2, never a traceback; the flags every
+command shares. Core layer (it names the bundled models); only the commands import it."""
 from __future__ import annotations
 
 import sys
+
+from .models import bundled
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 
@@ -38,7 +41,8 @@ def parse_int_list(text: str, what: str) -> list[int]:
 def add_model_args(parser):
     """The model-selection flags every CLI shares: --model, --ckpt, --num-heads."""
     parser.add_argument("--model", action="append", metavar="NAME",
-                        help="bundled model, repeatable (default: digits-dit and digits-skip-dit)")
+                        help=f"bundled model, repeatable, one of {', '.join(bundled.diffusion_models())} "
+                             f"(default: {' and '.join(bundled.DEFAULT_PAIR)})")
     parser.add_argument("--ckpt", action="append", metavar="PATH",
                         help="checkpoint path, repeatable; its model is built from its keys and shapes")
     parser.add_argument("--num-heads", type=int, default=None,

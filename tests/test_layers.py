@@ -9,9 +9,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "smoothness"
 LAYERS = [  # lowest first; a module may import its own layer and the ones before it
-    ("util", ("smoothness", "smoothness._moved", "smoothness.cli", "smoothness.io_utils")),
+    ("util", ("smoothness", "smoothness._moved", "smoothness.io_utils")),
     ("core", ("smoothness.models", "smoothness.diffusion", "smoothness.hooks", "smoothness.chain",
-              "smoothness.data", "smoothness.metrics")),
+              "smoothness.data", "smoothness.metrics", "smoothness.cli")),
     ("engines", ("smoothness.surface", "smoothness.cache")),
     ("analysis", ("smoothness.analysis",)),
     ("plots", ("smoothness.plots",)),

@@ -46,7 +46,7 @@ from ..plots.analysis import correlation_scatter
 from ..surface import SurfaceConfig, io
 from ..surface import dataset as surface_dataset
 from ..surface.perturb import Axis, DirectionSpec
-from .caching_error import ERRORS, caching_errors
+from .caching_error import ERRORS, METHODS_OR_AUTO, caching_errors
 from .correlate import SCORES, CorrelateConfig, compute, table
 
 
@@ -69,7 +69,7 @@ def _parser():
     a("--grid", default=str(s.alpha), help=f"min:max:count of alpha and beta (default: {s.alpha})")
     a("--direction-seed", type=int, default=s.perturbation.directions.seed,
       help=f"seed of the surface directions (default: {s.perturbation.directions.seed})")
-    a("--method", default=d.method, help=f"auto, skip-cache, deep-reuse, delta or fora (default: {d.method}: "
+    a("--method", default=d.method, help=f"{', '.join(METHODS_OR_AUTO)} (default: {d.method}: "
       "skip-cache on models with skip branches, deep-reuse on the others)")
     a("--k", type=int, default=d.k, help=f"units recomputed on each side (default: {d.k})")
     a("--lag", type=int, default=d.lag, help=f"per-step error: cache filled at step s-lag (default: {d.lag})")
