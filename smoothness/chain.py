@@ -19,7 +19,7 @@ from .io_utils import versions
 from .models import Captions, ModelEntry, as_entries, caption_attrs
 
 __all__ = ["Captions", "ModelEntry", "as_entries", "at_steps", "caption_attrs", "check_captions_for", "check_seeds",
-           "check_steps", "config_json", "embeds", "is_text", "labels", "model_device_dtype", "num_classes", "provenance",
+           "check_steps", "config_json", "embeds", "finite", "is_text", "labels", "model_device_dtype", "num_classes", "provenance",
            "reference_chain", "sampler_attrs", "tile"]
 
 
@@ -122,6 +122,16 @@ def sampler_attrs(sampler: SamplerConfig) -> dict:
     return {"chain": sampler.label, "cfg_scale": sampler.cfg_scale,
             "cfg_channels": -1 if sampler.cfg_channels is None else sampler.cfg_channels,
             "clip_denoised": int(sampler.clip_denoised), "eta": sampler.eta}
+
+
+def finite(records: Iterable[Step], who: str = "the model") -> Iterator[Step]:
+    """The records of a chain, refusing the first step whose model output is not finite (a broken
+    checkpoint, not a perturbation: nothing else has happened to the chain)."""
+    for rec in records:
+        if not torch.isfinite(rec.model_output).all():
+            raise ValueError(f"{who}: the unperturbed model's output is not finite at step {rec.step} "
+                             f"(t={rec.timestep}); check the checkpoint's weights")
+        yield rec
 
 
 def at_steps(records: Iterable[Step], steps) -> Iterator[Step]:

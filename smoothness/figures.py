@@ -31,7 +31,9 @@ import torch
 import xarray as xr
 
 from . import data, metrics
-from .analysis import correlate, dynamics as dyn, spectral as spec
+from .analysis import correlate
+from .analysis import dynamics as dyn
+from .analysis import spectral as spec
 from .cache.sweep import SweepConfig, sweep
 from .cli import run_cli
 from .data.sample import generate
@@ -40,7 +42,8 @@ from .io_utils import atomic_path, check_writable
 from .models import bundled, load_entries
 from .plots import surfaces as plotting
 from .plots.analysis import correlation_scatter, dynamics_heatmap, spectral_norms
-from .plots.cache import figure as quality_speedup, teaser as teaser_figure
+from .plots.cache import figure as quality_speedup
+from .plots.cache import teaser as teaser_figure
 from .plots.samples import strip_figure, write_gif
 from .surface import SurfaceConfig, compute
 from .surface.perturb import Axis

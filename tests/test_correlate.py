@@ -252,12 +252,12 @@ def test_cli_end_to_end_on_tiny_checkpoints(make_model, tmp_path, capsys):
             "--jobs", "1", "--out", str(tmp_path / "out")]
     assert run_cli(correlate_cli.main, argv) == 0
     assert "spearman rho" in capsys.readouterr().out
-    ds = xr.open_dataset(tmp_path / "out" / "correlate.nc", engine="h5netcdf").load()
+    ds = xr.open_dataset(tmp_path / "out" / "correlate_plain_skip.nc", engine="h5netcdf").load()
     assert list(ds.model.values) == ["plain", "skip"] and list(ds.method.values) == ["deep-reuse", "skip-cache"]
     assert ds.attrs["chain"] == "DDPM-6" and ds.attrs["k"] == 1 and ds.sizes["seed"] == 2
-    assert (tmp_path / "out" / "correlate.png").stat().st_size > 0
+    assert (tmp_path / "out" / "correlate_plain_skip.png").stat().st_size > 0
     from smoothness.surface import io
-    surf = io.load(tmp_path / "out" / "correlate_surface.nc")
+    surf = io.load(tmp_path / "out" / "correlate_plain_skip_surface.nc")
     assert list(surf.model.values) == ["plain", "skip"] and "plain" in surf.attrs["models"]
     # the saved pieces reproduce the correlation without recomputing anything
     cfg = correlate_cli.config_from_args(correlate_cli._parser().parse_args(argv))

@@ -363,8 +363,8 @@ def test_sample_cli_text_to_video(tmp_path):
             "--out", str(tmp_path)]
     assert run_cli(sample.main, argv) == 0
     # Latent size and frames are not in the state dict: the checkpoint's meta gives them (else 64 and 16).
-    assert torch.load(tmp_path / "samples_t2v.pt").shape == (2, 4, 2, 8, 8)
-    assert (tmp_path / "samples_t2v.png").stat().st_size > 1000
+    assert torch.load(tmp_path / "samples_t2v_DDIM-3.pt").shape == (2, 4, 2, 8, 8)
+    assert (tmp_path / "samples_t2v_DDIM-3.png").stat().st_size > 1000
     torch.save(torch.randn(3, 7), tmp_path / "wide.pt")
     assert run_cli(sample.main, argv[:3] + [str(tmp_path / "wide.pt")] + argv[6:]) == 2
 
@@ -496,8 +496,8 @@ def test_surface_cli_with_caption_embeds(tmp_path):
     argv = ["--ckpt", str(tmp_path / "t2v.pt"), "--num-steps", "3", "--sampler", "ddim", "--steps", "3",
             "--grid=-0.2:0.2:3", "--out", str(tmp_path / "out")]
     assert run_cli(surface_cli.main, argv + ["--caption-embeds", str(tmp_path / "cap.pt")]) == 0
-    assert (tmp_path / "out" / "surface.nc").exists()
+    assert (tmp_path / "out" / "surface_t2v_step3.nc").exists()
     assert run_cli(surface_cli.main, argv + ["--out", str(tmp_path / "none")]) == 2          # no caption
-    assert not (tmp_path / "none" / "surface.partial.nc").exists()
+    assert not list((tmp_path / "none").glob("*.nc"))
     assert run_cli(surface_cli.main, ["--model", "digits-dit", "--caption-embeds", str(tmp_path / "cap.pt"),
                                   "--out", str(tmp_path / "img")]) == 2

@@ -61,3 +61,20 @@ def test_plotly_surface_axes(alpha_only):
     assert z.shape == (5, 7)                                            # plotly: z[row=y][col=x]
     np.testing.assert_allclose(z[0], 1 - np.linspace(-1, 1, 7) ** 2)
     assert fig.layout.scene.xaxis.title.text == "alpha"
+
+
+def test_heatmap_draws_one_panel_per_model_and_step(alpha_only):
+    """The heatmap file showed only the first model; it has a panel for every model and step."""
+    two = xr.concat([alpha_only, alpha_only.assign_coords(model=["m2"])], dim="model")
+    two = xr.concat([two, two.assign_coords(step=[250], timestep=("step", [0]))], dim="step")
+    fig = plotting.heatmap(two)
+    panels = [ax for ax in fig.axes if ax.get_xlabel() == "alpha"]
+    assert sorted(ax.get_title() for ax in panels) == ["m1 step 10 (t=963)", "m1 step 250 (t=0)",
+                                                       "m2 step 10 (t=963)", "m2 step 250 (t=0)"]
+    one = plotting.heatmap(two, model="m2", step=250)
+    assert [ax.get_title() for ax in one.axes if ax.get_xlabel() == "alpha"] == ["m2 step 250 (t=0)"]
+
+
+def test_3d_axis_labels_clear_the_tick_labels(alpha_only):
+    ax = plotting.surfaces(alpha_only, kind="3d").axes[0]
+    assert ax.yaxis.labelpad >= 8 and ax.xaxis.labelpad >= 8

@@ -239,10 +239,11 @@ def test_cli_writes_outputs_and_rejects_bad_input(pair, tmp_path, capsys):
     common = ["--ckpt", a, "--ckpt", b, "--num-steps", "4", "--grid=-0.1:0.1:3", "--batch-size", "9"]
     out = tmp_path / "res"
     assert run_cli(surface_cli.main, common + ["--out", str(out)]) == 0          # default steps: 4 (min(10, 4)) and 4
-    for name in ("surface.nc", "surface.png", "surface_contour.png", "surface_heatmap.png", "surface.html"):
-        assert (out / name).is_file(), name
-    assert not (out / "surface.partial.nc").exists()
-    assert io.load(out / "surface.nc")["surface"].sizes["model"] == 2
+    stem = "surface_a_b_step4"                                # the default name describes the run
+    for suffix in (".nc", ".png", "_contour.png", "_heatmap.png", ".html"):
+        assert (out / f"{stem}{suffix}").is_file(), suffix
+    assert not (out / f"{stem}.partial.nc").exists()
+    assert io.load(out / f"{stem}.nc")["surface"].sizes["model"] == 2
     capsys.readouterr()
     bad = [(["--step", "5"], "outside the chain"), (["--step", "2", "--metric", "l2"], "invalid choice"), (["--grid=1:-1:3"], "inverted"),
            (["--readout", "blocks.77"], "unknown site"), (["--mode", "features", "--site", "nowhere"], "unknown site")]
@@ -274,3 +275,40 @@ def test_class_label_outside_the_model_is_refused_naming_the_model():
                                 beta="-0.1:0.1:3", class_label=5)
     with pytest.raises(ValueError, match=r"class label 5 is not allowed for tiny; use 0\.\.2"):
         surface.compute([surface.ModelEntry("tiny", model)], cfg, progress=False)
+
+
+def test_cli_refuses_to_replace_a_result_of_another_configuration(pair, tmp_path, capsys):
+    from smoothness.cli import run_cli
+    a = _save_ckpt(pair[0].model, tmp_path / "a.pt")
+    argv = ["--ckpt", a, "--num-steps", "3", "--grid=-0.1:0.1:3", "--step", "3", "--out", str(tmp_path / "o"),
+            "--name", "run"]
+    assert run_cli(surface_cli.main, argv) == 0
+    first = io.load(tmp_path / "o" / "run.nc")
+    assert run_cli(surface_cli.main, argv) == 0                           # the same configuration: fine
+    assert run_cli(surface_cli.main, argv + ["--direction-seed", "7"]) == 2
+    assert "different configuration; pass --overwrite" in capsys.readouterr().err
+    np.testing.assert_array_equal(io.load(tmp_path / "o" / "run.nc")["surface"].values, first["surface"].values)
+    stale = tmp_path / "o" / ".run.nc.k3j2h1.tmp"                      # a final save that was killed
+    stale.write_bytes(b"half a file")
+    assert run_cli(surface_cli.main, argv + ["--direction-seed", "7", "--overwrite"]) == 0
+    assert not stale.exists() and "removed" in capsys.readouterr().out
+    assert io.load(tmp_path / "o" / "run.nc").attrs["direction_seed"] == 7
+
+
+def test_two_default_runs_of_different_models_do_not_overwrite_each_other(pair, tmp_path):
+    from smoothness.cli import run_cli
+    a, b = _save_ckpt(pair[0].model, tmp_path / "a.pt"), _save_ckpt(pair[1].model, tmp_path / "b.pt")
+    common = ["--num-steps", "3", "--grid=-0.1:0.1:3", "--step", "3", "--out", str(tmp_path / "o")]
+    assert run_cli(surface_cli.main, ["--ckpt", a] + common) == 0
+    assert run_cli(surface_cli.main, ["--ckpt", b] + common) == 0
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.nc")) == ["surface_a_step3.nc", "surface_b_step3.nc"]
+
+
+def test_a_checkpoint_with_non_finite_weights_is_named_before_any_perturbation(tmp_path):
+    from smoothness.models import build
+    model = build("DiT-Mini/2", input_size=8, in_channels=1, num_classes=3).eval()
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+    cfg = surface.SurfaceConfig(steps=(2,), sampler=SamplerConfig(num_steps=2), alpha="-0.1:0.1:3", beta="-0.1:0.1:3")
+    with pytest.raises(ValueError, match=r"nan: the unperturbed model's output is not finite at step 1 \(t=999\)"):
+        surface.compute([surface.ModelEntry("nan", model)], cfg, progress=False, log=None)

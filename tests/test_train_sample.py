@@ -72,4 +72,27 @@ def test_sample_cli_writes_a_grid_for_a_checkpoint(tmp_path):
     torch.save({"ema": m.state_dict()}, tmp_path / "m.pt")
     assert run_cli(sample.main, ["--ckpt", str(tmp_path / "m.pt"), "--num-sampling-steps", "3", "--per-class", "1",
                                  "--classes", "0,7", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "samples_m.png").stat().st_size > 1000
+    assert (tmp_path / "samples_m_DDIM-3.png").stat().st_size > 1000
+
+
+def test_sample_names_its_chain_and_refuses_to_replace_another_configuration(tmp_path, capsys):
+    from smoothness.models import build
+    torch.manual_seed(0)
+    m = build("DiT-Mini/2", input_size=16, in_channels=1, num_classes=10)
+    torch.save({"ema": m.state_dict()}, tmp_path / "m.pt")
+    argv = ["--ckpt", str(tmp_path / "m.pt"), "--num-sampling-steps", "2", "--per-class", "1", "--classes", "0",
+            "--out", str(tmp_path)]
+    assert run_cli(sample.main, argv) == 0
+    png = tmp_path / "samples_m_DDIM-2.png"                      # the default chain is DDIM
+    first = png.read_bytes()
+    assert "DDIM-2" in capsys.readouterr().out
+    assert run_cli(sample.main, argv) == 0                       # the same configuration: written again
+    assert run_cli(sample.main, argv + ["--seed", "1"]) == 2     # another configuration: refused, kept
+    assert "different configuration" in capsys.readouterr().err and png.read_bytes() == first
+    assert run_cli(sample.main, argv + ["--seed", "1", "--overwrite"]) == 0
+    assert png.read_bytes() != first
+    (tmp_path / f".{png.name}.abc123.tmp").write_bytes(b"half")   # left by a killed write
+    assert run_cli(sample.main, argv + ["--seed", "1"]) == 0
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert run_cli(sample.main, ["--ddpm-250", "--sampler", "ddim"] + argv) == 2
+    assert "--ddpm-250 sets the chain" in capsys.readouterr().err

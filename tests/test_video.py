@@ -214,9 +214,9 @@ def test_sample_cli_writes_strip_and_gif(tmp_path, video_ckpt):
 
     from smoothness.data.sample import main
     main(["--ckpt", str(video_ckpt), "--num-sampling-steps", "3", "--per-class", "1", "--out", str(tmp_path)])
-    gif = Image.open(tmp_path / "samples_tiny-latte.gif")
+    gif = Image.open(tmp_path / "samples_tiny-latte_DDIM-3.gif")
     assert gif.n_frames == 4
-    assert (tmp_path / "samples_tiny-latte.png").stat().st_size > 0
+    assert (tmp_path / "samples_tiny-latte_DDIM-3.png").stat().st_size > 0
 
 
 # ------------------------------------------------------- do samples show digits?

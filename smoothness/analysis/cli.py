@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 import xarray as xr
 
@@ -40,7 +41,14 @@ from .. import chain
 from ..cache import CacheConfig
 from ..cli import add_model_args, parse_int_list
 from ..diffusion import SAMPLERS, SamplerConfig
-from ..io_utils import atomic_path, check_writable
+from ..io_utils import (
+    atomic_path,
+    check_writable,
+    fingerprint,
+    guard_results,
+    remove_stale_temporaries,
+    run_name,
+)
 from ..models import Captions, bundled, load_entries
 from ..plots.analysis import correlation_scatter
 from ..surface import SurfaceConfig, io
@@ -84,7 +92,10 @@ def _parser():
       "bundled pair on two cores)")
     a("--threads", type=int, default=1, help="torch CPU threads per process (default: 1: the models are small)")
     a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
-    a("--name", default="correlate", help="file stem inside --out (default: correlate)")
+    a("--name", default=None, help="file stem inside --out (default: describes the run, e.g. "
+      "correlate_digits-dit_digits-skip-dit)")
+    a("--overwrite", action="store_true", help="replace a finished result of a different configuration "
+      "(default: refuse)")
     return p
 
 
@@ -138,19 +149,27 @@ def main(argv=None):
     for e in entries:                                                  # validate before any work
         CacheConfig(method=cfg.method_for(e.model), k=cfg.k).check(e.model)
         chain.labels(e.model, cfg.surface.class_label, who=e.label, captions=cfg.surface.captions)
+    name = args.name or run_name("correlate", [e.label for e in entries])
+    surf_path, nc, png = out / f"{name}_surface.nc", out / f"{name}.nc", out / f"{name}.png"
+    fp = fingerprint(cfg.to_json(), [(e.source, e.sha256) for e in entries])
+    guard_results([nc], fp, args.overwrite)
+    for stale in remove_stale_temporaries([surf_path, nc, png]):
+        print(f"removed {stale}, left by an interrupted write")
+    print(f"writing {nc}, {surf_path} and {png}")
     t0 = time.time()
     parts = _run(names, args.num_heads, cfg, args.jobs, args.threads)
     surfaces = xr.concat([p[0] for p in parts], dim="model", combine_attrs="override")
     surfaces.attrs.update(io.surface_attrs(entries, cfg.surface))
     errors = xr.concat([p[1] for p in parts], dim="model", combine_attrs="override")
-    surf_path, nc, png = out / f"{args.name}_surface.nc", out / f"{args.name}.nc", out / f"{args.name}.png"
+    surfaces.attrs["fingerprint"] = fp
     io.save(surfaces, surf_path)
     ds = compute(entries, cfg, surfaces=surfaces, errors=errors)
-    ds.attrs.update(seconds=time.time() - t0, jobs=args.jobs, torch_threads=args.threads)
+    ds.attrs.update(seconds=time.time() - t0, jobs=args.jobs, torch_threads=args.threads, fingerprint=fp)
     with atomic_path(nc) as tmp:
         ds.to_netcdf(tmp, engine="h5netcdf")
     fig = correlation_scatter(ds, args.score, args.error)
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
     print(table(ds))
     print(f"done in {time.time() - t0:.0f}s: {nc}, {surf_path}, {png}")

@@ -25,9 +25,17 @@ import torch
 import xarray as xr
 
 from .. import chain
+from ..chain import config_json
 from ..cli import add_model_args, parse_int_list
 from ..diffusion import SAMPLERS, SamplerConfig
-from ..io_utils import atomic_path, check_writable
+from ..io_utils import (
+    atomic_path,
+    check_writable,
+    fingerprint,
+    guard_results,
+    remove_stale_temporaries,
+    run_name,
+)
 from ..models import Captions, bundled, sha256
 from ..plots.cache import figure, figure_plotly
 from .base import CacheConfig
@@ -84,7 +92,10 @@ def _parser():
     a("--threads", type=int, default=1, help="torch CPU threads (default: 1; the digits models are small, and "
       "one thread is robust on a shared CPU)")
     a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
-    a("--name", default="cache_sweep", help="file stem inside --out (default: cache_sweep)")
+    a("--name", default=None, help="file stem inside --out (default: describes the run, e.g. "
+      "cache_sweep_digits-dit_digits-skip-dit_DDPM-50)")
+    a("--overwrite", action="store_true", help="replace a finished result of a different configuration "
+      "(default: refuse)")
     return p
 
 
@@ -166,15 +177,21 @@ def main(argv=None):
     cfg = SweepConfig(sampler=_sampler(args, models, captions), methods=methods, intervals=intervals, ks=ks,
                       windows=windows, seeds=seeds, classes=classes, per_class=args.per_class,
                       stop_inclusive=stop_inclusive, captions=captions)
+    sums = [sha256(bundled.weight_path(n) if n in bundled.BUNDLED else Path(n)) for n in names]
+    name = args.name or run_name("cache_sweep", list(models), cfg.sampler.label)
+    fp = fingerprint(config_json(cfg), names, sums)
+    guard_results([out / f"{name}.nc"], fp, args.overwrite)
+    for stale in remove_stale_temporaries(out / f"{name}{ext}" for ext in (".nc", ".png", ".html")):
+        print(f"removed {stale}, left by an interrupted write")
+    print(f"writing {out / name}.nc, .png and .html")
     t0 = time.time()
     ds = sweep(models, cfg)
-    paths_ = [bundled.weight_path(n) if n in bundled.BUNDLED else Path(n) for n in names]
-    ds.attrs.update(models=",".join(str(n) for n in names), sha256=",".join(sha256(p) for p in paths_),
+    ds.attrs.update(models=",".join(str(n) for n in names), sha256=",".join(sums), fingerprint=fp,
                     preset=args.preset or "", methods=",".join(methods), seconds_total=time.time() - t0)
     if captions is not None:
         ds.attrs.update(**captions.attrs(), captions=len(captions.embeds), caption_tokens=captions.embeds.shape[1])
         del ds.attrs["classes"]
-    paths = write(ds, out, args.name)
+    paths = write(ds, out, name)
     print(table(ds))
     print(f"{time.time() - t0:.0f}s; wrote " + ", ".join(str(p) for p in paths))
 

@@ -92,6 +92,19 @@ class SweepConfig:
     def caption_tensor(self) -> torch.Tensor | None:
         return chain.embeds(self.captions)
 
+    @property
+    def samples(self) -> int:
+        """Samples per chain: per_class for each class, or for each caption of a text-to-video sweep."""
+        return self.per_class * (len(self.captions.embeds) if self.captions is not None else len(self.classes))
+
+    @property
+    def skipped_metrics(self) -> dict[str, str]:
+        """Metrics this sweep cannot compute, with the reason (checked before any work)."""
+        if self.samples < 2:
+            return {"frechet": f"the Frechet distance needs at least 2 samples per chain, this sweep draws "
+                               f"{self.samples} (raise --per-class)"}
+        return {}
+
 
 def run_chain(model, diffusion, shape, y, sampler, seed, config: CacheConfig | None):
     """(final samples (N, C, [F,] H, W), model outputs per step (S, N, C_out, [F,] H, W), seconds, state)."""
@@ -153,6 +166,7 @@ class _Results:
         ds.attrs.update(sampler=sampler.sampler, num_sampling_steps=sampler.num_steps, cfg_scale=sampler.cfg_scale,
                         clip_denoised=int(sampler.clip_denoised), classes=list(cfg.classes), per_class=cfg.per_class,
                         seeds=list(cfg.seeds), stop_inclusive=int(cfg.stop_inclusive), data_range=2.0,
+                        skipped_metrics="; ".join(f"{k}: {v}" for k, v in cfg.skipped_metrics.items()),
                         torch_threads=torch.get_num_threads(),
                         **{f"version_{k}": str(v) for k, v in versions().items()})
         return ds
@@ -165,6 +179,8 @@ def sweep(models: dict, cfg: SweepConfig = SweepConfig(), log=print) -> xr.Datas
     diffusion = Diffusion.for_config(cfg.sampler)
     res = _Results(models, cfg)
     clf = classifier.load() if any(is_pixel_digits(m) for m in models.values()) else None
+    for metric, why in cfg.skipped_metrics.items():
+        log(f"skipping {metric}: {why}")
     for mi, (label, model) in enumerate(models.items()):
         y, tokens = _condition(label, model, cfg)
         shape = (len(cfg.classes) * cfg.per_class if y is None else len(y), *model.sample_shape())
@@ -180,7 +196,8 @@ def sweep(models: dict, cfg: SweepConfig = SweepConfig(), log=print) -> xr.Datas
             res.ref["seconds"][mi, si] = ref[2]
             if scorer is not None:
                 res.ref["accuracy"][mi, si] = metrics.classifier_accuracy(ref[0], y, scorer).item()
-                res.ref["frechet"][mi, si] = metrics.frechet_distance(ref[0], classifier=scorer).item()
+                if "frechet" not in cfg.skipped_metrics:
+                    res.ref["frechet"][mi, si] = metrics.frechet_distance(ref[0], classifier=scorer).item()
             log(f"{label} seed {seed}: uncached {cfg.sampler.num_steps} steps in {ref[2]:.1f}s")
             for (ai, method), (ni, n), (ki, k), (wi, (stop, start)) in itertools.product(
                     enumerate(cfg.methods), enumerate(cfg.intervals), enumerate(cfg.ks), enumerate(cfg.windows)):
@@ -198,14 +215,15 @@ def sweep(models: dict, cfg: SweepConfig = SweepConfig(), log=print) -> xr.Datas
                     continue
                 run = run_chain(model, diffusion, shape, y, cfg.sampler, seed, cache)
                 _score(res, at, run, ref, y, scorer, flops.schedule_cost(model, cache, diffusion.chain, batch=rows,
-                                                                          caption_tokens=tokens))
+                                                                          caption_tokens=tokens),
+                       frechet="frechet" not in cfg.skipped_metrics)
                 log(f"  {label} {cache.name}: {run[3].num_full} full / {run[3].num_cached} cached, speedup "
                     f"{res.data['theoretical_speedup'][at]:.2f}x theoretical, "
                     f"{res.data['realized_speedup'][at]:.2f}x realized, PSNR {res.data['psnr'][at]:.2f} dB")
     return res.dataset(cfg, diffusion)
 
 
-def _score(res: _Results, at, run, ref, y, scorer, cost: xr.Dataset):
+def _score(res: _Results, at, run, ref, y, scorer, cost: xr.Dataset, frechet: bool = True):
     """Fill cell ``at`` from a cached run against the reference run (both ``run_chain`` results)."""
     (x, out, sec, state), (x_ref, ref_out, ref_sec, _) = run, ref
     data = res.data
@@ -220,7 +238,8 @@ def _score(res: _Results, at, run, ref, y, scorer, cost: xr.Dataset):
                                                         dim=2).mean(1).numpy()
     if scorer is not None:
         data["accuracy"][at] = metrics.classifier_accuracy(x, y, scorer).item()
-        data["frechet"][at] = metrics.frechet_distance(x, classifier=scorer).item()
+        if frechet:
+            data["frechet"][at] = metrics.frechet_distance(x, classifier=scorer).item()
     data["full_steps"][at], data["cached_steps"][at] = state.num_full, state.num_cached
     data["theoretical_speedup"][at] = cost.attrs["theoretical_speedup"]
     data["realized_speedup"][at] = ref_sec / sec

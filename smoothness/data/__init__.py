@@ -7,8 +7,26 @@ bundled models (the commands ``python -m smoothness.train`` and ``.sample``).
 
 ``digits`` and ``classifier`` import only the models and the I/O helpers.
 """
-from .digits import (DIGIT, FRAMES, GLYPHS, HELD_OUT, ROOM, SIZE, SPEEDS, SPLIT_SEED, Digits, bounce, downsample,
-                     load, load_videos, moving_digits, random_motion, render, upsample, video_batch)
+from .digits import (
+                     DIGIT,
+                     FRAMES,
+                     GLYPHS,
+                     HELD_OUT,
+                     ROOM,
+                     SIZE,
+                     SPEEDS,
+                     SPLIT_SEED,
+                     Digits,
+                     bounce,
+                     downsample,
+                     load,
+                     load_videos,
+                     moving_digits,
+                     random_motion,
+                     render,
+                     upsample,
+                     video_batch,
+)
 
 __all__ = ["DIGIT", "Digits", "FRAMES", "GLYPHS", "HELD_OUT", "ROOM", "SIZE", "SPEEDS", "SPLIT_SEED", "bounce",
            "downsample", "load", "load_videos", "moving_digits", "random_motion", "render", "upsample",

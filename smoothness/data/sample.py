@@ -1,15 +1,18 @@
 """Sample a labelled grid from DiT models: the bundled pair by default, or any checkpoint.
 
-    python -m smoothness.sample                                   # both bundled models -> figures/
+    python -m smoothness.sample                                   # both bundled models, DDIM-50 -> results/
+    python -m smoothness.sample --ddpm-250                        # the paper's chain, as the grids in figures/
     python -m smoothness.sample --model digits-skip-dit --cfg-scale 1.5 --seed 3
     python -m smoothness.sample --ckpt path/to/DiT-XL-2-256x256.pt --num-sampling-steps 50
     python -m smoothness.sample --ckpt Latte-skip.pt --caption-embeds prompts.pt \
         --sampler ddim --num-sampling-steps 50 --cfg-scale 7.5        # text-to-video, as the Latte pipeline
 
-Flags follow facebookresearch/DiT's ``sample.py``. One row per class, ``--per-class`` columns.
+Flags follow facebookresearch/DiT's ``sample.py``. One row per class, ``--per-class`` columns; each
+model's grid is ``<out>/samples_<label>_<chain>.png`` (e.g. ``samples_digits-dit_DDIM-50.png``), and a
+file of another configuration is not replaced without ``--overwrite``.
 Text-to-video checkpoints take precomputed caption embeddings (no text encoder is needed): one row
 per caption, ``--per-class`` videos each, drawn as frame strips; the latents are also saved as
-``samples_<label>.pt`` (N, C, F, H, W) for decoding elsewhere.
+``samples_<label>_<chain>.pt`` (N, C, F, H, W) for decoding elsewhere.
 Latent checkpoints (4 channels) are shown as their first latent channel: decoding needs the SD VAE,
 which is not bundled.
 """
@@ -20,21 +23,45 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
+from tqdm.auto import tqdm
 
 from .. import chain, metrics
+from ..chain import config_json
 from ..cli import parse_int_list, run_cli
 from ..diffusion import SAMPLERS, Diffusion, SamplerConfig
-from ..io_utils import atomic_path, check_writable
+from ..io_utils import (
+    atomic_path,
+    check_writable,
+    fingerprint,
+    guard_results,
+    remove_stale_temporaries,
+)
 from ..models import Captions, bundled
 from ..plots.samples import grid_figure, strip_figure, write_gif
+
+QUICK = SamplerConfig(num_steps=50, sampler="ddim", cfg_scale=3.0, clip_denoised=True)   # the default: a first command
+PAPER = SamplerConfig(num_steps=250, sampler="ddpm", cfg_scale=3.0, clip_denoised=True)  # --ddpm-250: the committed grids
 
 __all__ = ["generate", "generate_text", "grid_figure", "main", "score", "strip_figure", "write_gif"]
 
 
-def generate(model, classes: list[int], per_class: int, config: SamplerConfig, seed: int) -> torch.Tensor:
+def _sample(model, shape, y, config: SamplerConfig, seed: int, bar=None) -> torch.Tensor:
+    """``Diffusion.sample``, advancing the progress ``bar`` (tqdm) by one per sampler step."""
+    x = None
+    with torch.inference_mode():
+        for rec in Diffusion.for_config(config).sample_steps(model, shape, y, config, seed=seed):
+            x = rec.x_next
+            if bar is not None:
+                bar.update(1)
+    return x
+
+
+def generate(model, classes: list[int], per_class: int, config: SamplerConfig, seed: int, bar=None) -> torch.Tensor:
     """(len(classes) * per_class, *model.sample_shape()) samples, class-major, deterministic from
-    ``seed``. Unconditional models draw as many samples, unlabelled."""
+    ``seed``. Unconditional models draw as many samples, unlabelled. ``bar``: a progress bar (tqdm)
+    advanced once per sampler step."""
     c = model.config
     for y in classes:
         if c.num_classes and not 0 <= y < c.num_classes:
@@ -44,25 +71,21 @@ def generate(model, classes: list[int], per_class: int, config: SamplerConfig, s
     if not c.num_classes:
         y = None
         config = SamplerConfig(**{**config.__dict__, "cfg_scale": 1.0})     # nothing to guide
-    diffusion = Diffusion.for_config(config)
-    with torch.inference_mode():
-        return diffusion.sample(model, (n, *model.sample_shape()), y, config, seed=seed)
+    return _sample(model, (n, *model.sample_shape()), y, config, seed, bar)
 
 
-def generate_text(model, captions: torch.Tensor, per_caption: int, config: SamplerConfig, seed: int) -> torch.Tensor:
+def generate_text(model, captions: torch.Tensor, per_caption: int, config: SamplerConfig, seed: int,
+                  bar=None) -> torch.Tensor:
     """(len(captions) * per_caption, C, F, H, W) videos, caption-major, deterministic from ``seed``.
     captions: (N, L, caption_channels); CFG's unconditional input is ``model.null_condition``."""
     model.check_captions(captions)
     y = captions.repeat_interleave(per_caption, dim=0)                   # (N*per, L, C)
     c = model.config
-    diffusion = Diffusion.for_config(config)
-    with torch.inference_mode():
-        return diffusion.sample(model, (len(y), c.in_channels, c.num_frames, c.input_size, c.input_size), y, config,
-                                seed=seed)
+    return _sample(model, (len(y), c.in_channels, c.num_frames, c.input_size, c.input_size), y, config, seed, bar)
 
 
 def _parser():
-    d = SamplerConfig(**bundled.DIGITS_SAMPLER)
+    d = QUICK
     p = argparse.ArgumentParser(prog="python -m smoothness.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", metavar="NAME",
@@ -70,14 +93,18 @@ def _parser():
     p.add_argument("--ckpt", action="append", type=Path, metavar="PATH",
                    help="checkpoint path, repeatable; its model is built by config inference")
     p.add_argument("--num-heads", type=int, default=None, help="override heads for --ckpt (default: by width)")
-    p.add_argument("--num-sampling-steps", type=int, default=d.num_steps, help=f"(default: {d.num_steps})")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default=d.sampler, help=f"(default: {d.sampler})")
+    p.add_argument("--num-sampling-steps", type=int, default=None, help=f"(default: {d.num_steps})")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None, help=f"(default: {d.sampler})")
+    p.add_argument("--ddpm-250", action="store_true", help=f"the paper's chain, {PAPER.label}, as the committed "
+                   f"grids in figures/ (about 5x slower than the default {d.label})")
     p.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help=f"guidance scale >= 1 (default: {d.cfg_scale})")
     p.add_argument("--classes", default=None, help="class labels, one row each (default: 0..9; not allowed for "
                    "unconditional models, which draw 10 x --per-class samples)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
+    p.add_argument("--overwrite", action="store_true", help="replace samples of a different configuration "
+                   "(default: refuse)")
     p.add_argument("--score-samples", type=int, default=0, metavar="N",
                    help="also draw N samples per model (classes balanced) and print the digits classifier's "
                         "accuracy and the Frechet distance to held-out digits; for the moving-digits video "
@@ -109,28 +136,39 @@ def _load_models(args, captions, negative) -> list:
     return models
 
 
-def _draw(model, label: str, classes, args, config: SamplerConfig, captions, out: Path):
+def _draw(model, label: str, classes, args, config: SamplerConfig, captions, out: Path, fp: str, bar):
     """Sample one model's grid (or strips) and write its pictures; returns (samples, written paths)."""
     guidance = f"cfg {config.cfg_scale}" if model.config.num_classes or captions is not None else "unconditional"
     title = f"{label}: {config.label}, {guidance}, seed {args.seed}"
+    stem = out / f"samples_{label}_{config.label}"
     written = []
     if captions is not None:
-        samples = generate_text(model, captions.embeds, args.per_class, config, args.seed)
+        samples = generate_text(model, captions.embeds, args.per_class, config, args.seed, bar)
         fig = strip_figure(samples, title, pixel_range=False)
-        with atomic_path(out / f"samples_{label}.pt") as tmp:
+        with atomic_path(stem.with_suffix(".pt")) as tmp:
             torch.save(samples, tmp)
+        written.append(stem.with_suffix(".pt"))
     else:
-        samples = generate(model, classes, args.per_class, config, args.seed)
+        samples = generate(model, classes, args.per_class, config, args.seed, bar)
         if samples.dim() == 5:
             fig = strip_figure(samples, title, pixel_range=bundled.is_pixel(model))
-            write_gif(samples, out / f"samples_{label}.gif")
-            written.append(out / f"samples_{label}.gif")
+            write_gif(samples, stem.with_suffix(".gif"))
+            written.append(stem.with_suffix(".gif"))
         else:
             fig = grid_figure(samples, classes, title)
-    path = out / f"samples_{label}.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    return samples, [path] + written
+    with atomic_path(stem.with_suffix(".png")) as tmp:
+        fig.savefig(tmp, dpi=120, format="png", metadata={"fingerprint": fp})
+    plt.close(fig)
+    return samples, [stem.with_suffix(".png")] + written
+
+
+def _chain(args) -> SamplerConfig:
+    """The sampler: the quick default, ``--ddpm-250``, or what --sampler / --num-sampling-steps say."""
+    if args.ddpm_250 and (args.sampler is not None or args.num_sampling_steps is not None):
+        raise ValueError("--ddpm-250 sets the chain; give it without --sampler / --num-sampling-steps")
+    base = PAPER if args.ddpm_250 else QUICK
+    return SamplerConfig(num_steps=base.num_steps if args.num_sampling_steps is None else args.num_sampling_steps,
+                         sampler=args.sampler or base.sampler, cfg_scale=args.cfg_scale, clip_denoised=True)
 
 
 def main(argv=None):
@@ -138,19 +176,27 @@ def main(argv=None):
     classes = parse_int_list(args.classes or "0,1,2,3,4,5,6,7,8,9", "--classes")
     if args.per_class < 1:
         raise ValueError(f"--per-class={args.per_class} is not allowed; use a positive integer")
-    config = SamplerConfig(num_steps=args.num_sampling_steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
-                           clip_denoised=True)
+    config = _chain(args)
     out = check_writable(args.out)
     captions, negative = Captions.of(args.caption_embeds), Captions.of(args.negative_embeds)
     models = _load_models(args, captions, negative)
-    for name, model in models:
+    jobs = []
+    for name, model in models:                                   # every output checked before any sampling
         model_config = config if bundled.is_pixel(model) else SamplerConfig(
             num_steps=config.num_steps, sampler=config.sampler, cfg_scale=config.cfg_scale)
-        t0 = time.time()
         label = bundled.label(name)
-        samples, paths = _draw(model, label, classes, args, model_config, captions, out)
-        print(f"{label}: {len(samples)} samples in {time.time() - t0:.1f}s -> {paths[0]}"
-              + (f", {paths[1]}" if len(paths) > 1 else ""))
+        png = out / f"samples_{label}_{model_config.label}.png"
+        fp = fingerprint(config_json(model_config), classes, args.per_class, args.seed, name,
+                         captions.sha256 if captions is not None else "", negative.sha256 if negative else "")
+        guard_results([png], fp, args.overwrite)
+        remove_stale_temporaries(png.with_suffix(ext) for ext in (".png", ".gif", ".pt"))
+        jobs.append((name, model, label, model_config, fp))
+    for name, model, label, model_config, fp in jobs:
+        print(f"{label}: {model_config.label} -> {out}/samples_{label}_{model_config.label}.png")
+        t0 = time.time()
+        with tqdm(total=model_config.num_steps, desc=label, unit="step") as bar:
+            samples, paths = _draw(model, label, classes, args, model_config, captions, out, fp, bar)
+        print(f"{label}: {len(samples)} samples in {time.time() - t0:.1f}s -> " + ", ".join(map(str, paths)))
         if args.score_samples:
             score(label, model, args.score_samples, args.batch_size, model_config, args.seed)
 
@@ -172,12 +218,12 @@ def score(label, model, n: int, batch_size: int, config: SamplerConfig, seed: in
         config = SamplerConfig(**{**config.__dict__, "cfg_scale": 1.0})     # unconditional: nothing to guide
     labels = torch.arange(n) % 10
     parts = []
-    for i, start in enumerate(range(0, n, batch_size)):
-        rows = min(batch_size, n - start)
-        y = None if video else labels[start:start + rows]
-        diffusion = Diffusion.for_config(config)
-        with torch.inference_mode():
-            parts.append(diffusion.sample(model, (rows, *model.sample_shape()), y, config, seed=seed + 1000 + i))
+    batches = range(0, n, batch_size)
+    with tqdm(total=len(batches) * config.num_steps, desc=f"{label} scoring", unit="step") as bar:
+        for i, start in enumerate(batches):
+            rows = min(batch_size, n - start)
+            y = None if video else labels[start:start + rows]
+            parts.append(_sample(model, (rows, *model.sample_shape()), y, config, seed + 1000 + i, bar))
     samples = torch.cat(parts)
     how = f"({config.label}, cfg {config.cfg_scale}, seed {seed}, {time.time() - t0:.0f}s)"
     if video:

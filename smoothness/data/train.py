@@ -19,9 +19,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
+import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
 from ..cli import run_cli
 from ..diffusion import Diffusion
@@ -179,6 +179,7 @@ def main(argv=None):
         fig = loss_figure(loss_curves({n: bundled.weight_path(n) for n in bundled.diffusion_models()}))
         with atomic_path(args.plot_losses) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
         print(f"wrote {args.plot_losses}")
         return
     if args.out is None:

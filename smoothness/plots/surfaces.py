@@ -62,8 +62,9 @@ def surfaces(ds: xr.Dataset, readout: str | None = None, seed=None, kind: str = 
             ax = fig.add_subplot(len(steps), len(models), idx)
             cs = ax.contourf(X, Y, Z, levels=np.linspace(zlo, zhi, 16), cmap=cmap)
             fig.colorbar(cs, ax=ax, shrink=0.8, label=metric)
-        ax.set_xlabel("alpha")
-        ax.set_ylabel("beta")
+        pad = 8 if kind == "3d" else 4.0                   # 3D: keep the labels clear of the tick labels
+        ax.set_xlabel("alpha", labelpad=pad)
+        ax.set_ylabel("beta", labelpad=pad)
         ax.set_title(title, fontsize=9)
     src = ds.attrs.get("mode", "")
     fig.suptitle(f"{metric} of the {s.readout.item() if s.readout.size == 1 else ''} under {src} perturbation "
@@ -73,19 +74,25 @@ def surfaces(ds: xr.Dataset, readout: str | None = None, seed=None, kind: str = 
 
 
 def heatmap(ds: xr.DataArray | xr.Dataset, model=None, step=None, readout: str | None = None, seed=None):
-    """A seaborn heatmap of one surface: columns are alpha, rows beta (beta increasing upwards)."""
+    """Seaborn heatmaps, one panel per model (column) and step (row), as ``surfaces`` lays them out;
+    ``model`` / ``step`` pick one. In each panel columns are alpha and rows beta (beta increasing
+    upwards); the models of a row share one colour range."""
     import seaborn as sns
     s = _panel(ds, readout, seed)
-    da = s.sel(model=model if model is not None else s.model.values[0],
-               step=step if step is not None else s.step.values[-1])
-    table = da.transpose("beta", "alpha").to_pandas().iloc[::-1]
-    table.index = [f"{v:.3g}" for v in table.index]
-    table.columns = [f"{v:.3g}" for v in table.columns]
-    fig, ax = plt.subplots(figsize=(6, 5))
-    sns.heatmap(table, ax=ax, cmap="viridis", cbar_kws={"label": ds["surface"].attrs.get("long_name", "")})
-    ax.set_xlabel("alpha")
-    ax.set_ylabel("beta")
-    ax.set_title(f"{da.model.item()} step {int(da.step)} (t={int(da.timestep)})")
+    s = s.sel(model=[model] if model is not None else list(s.model.values),
+              step=[step] if step is not None else list(s.step.values))
+    n_models, n_steps = s.sizes["model"], s.sizes["step"]
+    fig, axes = plt.subplots(n_steps, n_models, figsize=(6 * n_models, 5 * n_steps), squeeze=False)
+    label = ds["surface"].attrs.get("long_name", "")
+    for r, c, st, m, da, zlo, zhi in _cells(s):
+        table = da.transpose("beta", "alpha").to_pandas().iloc[::-1]
+        table.index = [f"{v:.3g}" for v in table.index]
+        table.columns = [f"{v:.3g}" for v in table.columns]
+        ax = axes[r, c]
+        sns.heatmap(table, ax=ax, cmap="viridis", vmin=zlo, vmax=zhi, cbar_kws={"label": label})
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("beta")
+        ax.set_title(f"{m} step {int(st)} (t={int(da.timestep)})")
     fig.tight_layout()
     return fig
 

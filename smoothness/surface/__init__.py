@@ -10,8 +10,8 @@ scores (``scores``). May import the core (models, diffusion, hooks, chain) and n
     ds = compute(load_entries(["digits-dit", "digits-skip-dit"]), SurfaceConfig(steps=(10, 250)))
 """
 from ..models import ModelEntry, load_entries
-from .dataset import compute, empty_dataset
 from .config import DTYPES, SurfaceConfig
+from .dataset import compute, empty_dataset
 from .engine import GridEngine, Perturbation
 from .evaluation import EVALUATIONS
 from .perturb import Axis, DirectionSpec

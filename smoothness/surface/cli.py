@@ -18,18 +18,26 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 import xarray as xr
 
 from .. import chain, hooks
 from ..cli import add_model_args, parse_int_list
 from ..diffusion import SAMPLERS
-from ..io_utils import atomic_path, check_writable
+from ..io_utils import (
+    atomic_path,
+    check_writable,
+    fingerprint,
+    guard_results,
+    remove_stale_temporaries,
+    run_name,
+)
 from ..models import Captions, bundled, load_entries
 from ..plots import surfaces as plotting
 from . import io, similarity
-from .dataset import compute, empty_dataset
 from .config import DTYPES, SurfaceConfig
+from .dataset import compute, empty_dataset
 from .engine import MODES, GridEngine, Perturbation
 from .evaluation import EVALUATIONS, readout_sites
 from .perturb import NORMS, Axis, DirectionSpec
@@ -80,8 +88,11 @@ def _parser():
       help=f"grid points per forward; in local mode each point carries every step's and seed's x_t "
            f"(x2 with CFG) as rows (default: {d.batch_size})")
     a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
-    a("--name", default="surface", help="file stem inside --out (default: surface)")
+    a("--name", default=None, help="file stem inside --out (default: describes the run, e.g. "
+      "surface_digits-dit_digits-skip-dit_step250)")
     a("--resume", action="store_true", help="continue from <out>/<name>.partial.nc")
+    a("--overwrite", action="store_true", help="replace a finished result of a different configuration "
+      "(default: refuse)")
     return p
 
 
@@ -107,24 +118,29 @@ def config_from_args(args) -> SurfaceConfig:
                          batch_size=args.batch_size, dtype=args.dtype, device=args.device)
 
 
+FIGURE_SUFFIXES = ("", "_contour", "_heatmap")
+
+
+def output_paths(out: Path, name: str) -> list[Path]:
+    """Every file a run named ``name`` writes into ``out``: the result, its partial file, the figures."""
+    return [out / f"{name}.nc", out / f"{name}.partial.nc", out / f"{name}.html"] + [
+        out / f"{name}{suffix}.png" for suffix in FIGURE_SUFFIXES]
+
+
 def write_figures(ds: xr.Dataset, out: Path, name: str) -> list[Path]:
+    """The 3D, contour and heatmap PNGs and the interactive HTML of a surface dataset."""
     written = []
-    for kind, suffix in (("3d", ""), ("contour", "_contour")):
-        fig = plotting.surfaces(ds, kind=kind)
+    for suffix, fig in (("", plotting.surfaces(ds, kind="3d")), ("_contour", plotting.surfaces(ds, kind="contour")),
+                        ("_heatmap", plotting.heatmap(ds))):
         path = out / f"{name}{suffix}.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
         written.append(path)
-    fig = plotting.heatmap(ds)
-    path = out / f"{name}_heatmap.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    written.append(path)
     path = out / f"{name}.html"
     with atomic_path(path) as tmp:
         plotting.surfaces_plotly(ds).write_html(tmp, include_plotlyjs=True)
-    written.append(path)
-    return written
+    return written + [path]
 
 
 def _validate(entries, cfg: SurfaceConfig):
@@ -146,13 +162,20 @@ def main(argv=None):
     names = (args.model or []) + (args.ckpt or []) or list(bundled.DEFAULT_PAIR)
     entries = load_entries(names, args.num_heads)
     _validate(entries, cfg)
-    partial, final = out / f"{args.name}.partial.nc", out / f"{args.name}.nc"
+    name = args.name or run_name("surface", [e.label for e in entries], "step" + "-".join(map(str, cfg.steps)))
+    partial, final = out / f"{name}.partial.nc", out / f"{name}.nc"
+    fp = fingerprint(cfg.to_json(), [(e.source, e.sha256) for e in entries])
+    guard_results([final], fp, args.overwrite)
+    for stale in remove_stale_temporaries(output_paths(out, name)):
+        print(f"removed {stale}, left by an interrupted write")
     resume_from = io.resumable(partial, empty_dataset(entries, cfg)) if args.resume else None
     if resume_from is not None:
         print(f"resuming from {partial}")
+    print(f"writing {final} and its figures")
     t0 = time.time()
     ds = compute(entries, cfg, partial=partial, resume_from=resume_from)
+    ds.attrs["fingerprint"] = fp
     io.save(ds, final)
     partial.unlink(missing_ok=True)
-    paths = [final] + write_figures(ds, out, args.name)
+    paths = [final] + write_figures(ds, out, name)
     print(f"done in {time.time() - t0:.0f}s: " + ", ".join(str(p) for p in paths))

@@ -104,7 +104,7 @@ def _fill_model(e: ModelEntry, cfg: SurfaceConfig, points: np.ndarray, todo, cel
     advance(skipped)
     with torch.inference_mode():
         if cfg.evaluation == "local":
-            inputs = [chain_inputs(e.model, spec, diffusion, seed, y1, shape, dtype) for seed in cfg.seeds]
+            inputs = [chain_inputs(e.model, spec, diffusion, seed, y1, shape, dtype, e.label) for seed in cfg.seeds]
         ref = {}
         for _, chunk in todo:
             coef = (torch.tensor(points[chunk, 0]), torch.tensor(points[chunk, 1]))
@@ -127,6 +127,9 @@ def _compare(label: str, cfg: SurfaceConfig, data, ref: dict, points: np.ndarray
     for s_i, step in enumerate(sorted(cfg.steps)):
         for r_i, r in enumerate(cfg.readouts):
             feats = data[(r, step)]                                      # (G, N, ...)
+            if (r, step) not in ref and not torch.isfinite(feats[int(origin[0])]).all():
+                raise ValueError(f"{label}: the unperturbed model gave non-finite {r} at step {step}; check the "
+                                 "checkpoint's weights")
             if not torch.isfinite(feats).all():
                 bad = chunk[int(torch.nonzero(~torch.isfinite(feats.flatten(1)).all(1))[0])]
                 raise ValueError(f"{label}: the perturbed model gave non-finite {r} at step {step} "

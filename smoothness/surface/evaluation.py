@@ -130,7 +130,8 @@ def trajectory(model, cfg: EvalSpec, diffusion: Diffusion, seed: int, y, coef, e
     return col.data
 
 
-def chain_inputs(model, cfg: EvalSpec, diffusion: Diffusion, seed: int, y, shape, dtype: torch.dtype):
-    """x_t at every requested step of the unperturbed chain for one seed."""
-    records = diffusion.sample_steps(model, shape, y, cfg.sampler, seed=seed, dtype=dtype)
+def chain_inputs(model, cfg: EvalSpec, diffusion: Diffusion, seed: int, y, shape, dtype: torch.dtype,
+                 who: str = "the model"):
+    """x_t at every requested step of the unperturbed chain for one seed (refusing a non-finite chain)."""
+    records = chain.finite(diffusion.sample_steps(model, shape, y, cfg.sampler, seed=seed, dtype=dtype), who)
     return {rec.step: rec.x_t for rec in chain.at_steps(records, cfg.steps)}
