@@ -362,3 +362,24 @@ def test_cli_bad_input_exits_2(argv, words, capsys):
     assert run_cli(main, argv) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_one_sample_sweep_skips_the_frechet_distance_before_any_work(tmp_path, capsys):
+    """The Frechet distance needs two samples; a valid one-sample sweep used to fail after all its work."""
+    import numpy as np
+    import xarray as xr
+
+    from smoothness.cache.cli import main as cache_main
+    from smoothness.cli import run_cli
+    argv = ["--methods", "skip-cache", "--intervals", "2", "--num-sampling-steps", "4", "--per-class", "1",
+            "--classes", "0", "--model", "digits-skip-dit", "--out", str(tmp_path)]
+    assert run_cli(cache_main, argv) == 0
+    out = capsys.readouterr().out
+    assert out.index("skipping frechet") < out.index("uncached 4 steps")          # said before the work
+    nc = tmp_path / "cache_sweep_digits-skip-dit_DDPM-4.nc"
+    ds = xr.open_dataset(nc, engine="h5netcdf").load()
+    assert "frechet" in ds.attrs["skipped_metrics"] and np.isnan(ds.frechet.values).all()
+    assert np.isfinite(ds.psnr.values).all() and np.isfinite(ds.accuracy.values).all()
+    assert ds.attrs["fingerprint"]
+    assert run_cli(cache_main, argv + ["--seed", "1"]) == 2                        # another configuration
+    assert "different configuration; pass --overwrite" in capsys.readouterr().err

@@ -439,3 +439,26 @@ def test_every_registry_entry_builds_on_meta():
         if size in OFFICIAL:
             assert (cfg.depth, cfg.hidden_size, cfg.num_heads) == OFFICIAL[size], name
         assert all(p.is_meta for p in model.parameters()), name
+
+
+def test_a_bundled_checkpoint_missing_one_key_is_told_its_own_size(tmp_path):
+    """The digits DiT-D/2 (16x16, one channel) with one key removed: its closest configuration is
+    DiT-D/2, not the DiT-D/4 whose default 32x32 table happens to have as many tokens."""
+    from smoothness.models import bundled, read_state_dict
+    sd = {k: v.float() for k, v in read_state_dict(bundled.weight_path("digits-dit"))[0].items()}
+    del sd["blocks.3.attn.proj.bias"]
+    torch.save({"ema": sd}, tmp_path / "one_missing.pt")
+    with pytest.raises(CheckpointError, match=r"closest configuration: DiT-D/2$"):
+        load_model(tmp_path / "one_missing.pt")
+    skip = {k: v.float() for k, v in read_state_dict(bundled.weight_path("digits-skip-dit"))[0].items()}
+    del skip["skip_norms.2.bias"]
+    torch.save({"ema": skip}, tmp_path / "skip_missing.pt")
+    with pytest.raises(CheckpointError, match=r"closest configuration: DiT-D/2-skip$"):
+        load_model(tmp_path / "skip_missing.pt")
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_model_name_is_refused_by_name(name):
+    from smoothness.models import bundled
+    with pytest.raises(ValueError, match="the model name or checkpoint path is empty"):
+        bundled.load(name)

@@ -48,6 +48,9 @@ def diffusion_models() -> list[str]:
 
 def load(name_or_path: str, device="cpu", dtype=None, num_heads: int | None = None) -> DiT:
     """A bundled model by name, or any DiT checkpoint by path (configuration inferred)."""
+    if not str(name_or_path).strip():
+        raise ValueError(f"the model name or checkpoint path is empty; allowed: {', '.join(diffusion_models())} "
+                         "or a checkpoint path (.pt, .pth, .safetensors)")
     if name_or_path in diffusion_models():
         return load_model(weight_path(name_or_path), device=device, dtype=dtype)
     if Path(name_or_path).suffix.lower() in (".pt", ".pth", ".bin", ".ckpt", ".safetensors") or Path(name_or_path).exists():

@@ -164,18 +164,41 @@ def expected_shapes(config: DiTConfig) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in make(config).state_dict().items()}
 
 
+def _as_stated(cfg, sd):
+    """A registry size with what the checkpoint states outright taken from it (input channels, classes,
+    frames, image size, learned sigma), so that sizes are compared on their architecture alone."""
+    fields = {}
+    w, pe = sd.get("x_embedder.proj.weight"), sd.get("pos_embed")
+    if w is not None and w.dim() == 4:
+        fields["in_channels"] = int(w.shape[1])
+    if pe is not None and pe.dim() == 3 and round(pe.shape[1] ** 0.5) ** 2 == pe.shape[1]:
+        fields["input_size"] = round(pe.shape[1] ** 0.5) * cfg.patch_size
+    if "y_embedder.embedding_table.weight" in sd:
+        fields["num_classes"] = int(sd["y_embedder.embedding_table.weight"].shape[0]) - 1
+    if "temp_embed" in sd and isinstance(cfg, LatteConfig):
+        fields["num_frames"] = int(sd["temp_embed"].shape[1])
+    out = sd.get("final_layer.linear.weight")
+    if out is not None and "in_channels" in fields:
+        fields["learn_sigma"] = out.shape[0] // cfg.patch_size ** 2 == 2 * fields["in_channels"]
+    try:
+        return replace(cfg, **fields)
+    except (TypeError, ValueError):
+        return cfg
+
+
 def _closest(sd) -> str:
-    """Name the registry entry whose keys and shapes agree with ``sd`` most often."""
-    best, score = None, -1
+    """Name the registry entry whose keys agree with ``sd`` best, then whose shapes agree most often
+    (channels, classes, frames and image size taken from the checkpoint, see ``_as_stated``)."""
+    best, score = None, None
     have = {k: tuple(v.shape) for k, v in sd.items()}
     t2v = any(k.startswith("transformer_blocks.") for k in sd)
     for name, cfg in SIZES.items():
         if isinstance(cfg, LatteT2VConfig) != t2v:      # compare within the layout family only
             continue
         for skip in (False, True):
-            exp = expected_shapes(replace(cfg, skips=skip))
-            s = sum(have.get(k) == v for k, v in exp.items()) - len(set(have) ^ set(exp))
-            if s > score:
+            exp = expected_shapes(_as_stated(replace(cfg, skips=skip), sd) if not t2v else replace(cfg, skips=skip))
+            s = (-len(set(have) ^ set(exp)), sum(have.get(k) == v for k, v in exp.items()))
+            if score is None or s > score:
                 best, score = name + ("-skip" if skip else ""), s
     return best
 
