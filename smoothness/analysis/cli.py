@@ -1,24 +1,7 @@
-"""Smoothness against caching quality: does a flatter surface at a sampler step go with a smaller
-caching error at that step?
+"""``python -m smoothness.correlate``: smoothness against caching quality, from the command line.
 
     python -m smoothness.correlate                         # bundled DiT and Skip-DiT -> results/ (~2.5 CPU-min)
     python -m smoothness.correlate --seeds 0,1,2,3,4 --grid=-0.25:0.25:11 --window 4
-
-For every model, sampler step s and seed (one uncached chain per seed, batch 1, class 0: the same
-chains as the surfaces), three things are measured:
-
-* smoothness: the scores of the step-s surface (``surface.scores.smoothness_scores``; larger = rougher);
-* the per-step caching error (``cosine_distance``, ``rel_l2``: the cached output at step s against
-  the uncached one on the same x_s) and the window error (``psnr`` of the final sample when the
-  steps around s are cached); both are defined in ``smoothness.analysis.caching_error``.
-
-The cache is Skip-Cache on models with skip branches and deep-reuse (DeepCache-style) on models
-without (``method="auto"``), k units recomputed on each side.
-
-Spearman and Pearson coefficients are computed over the (model, step) points of each group
-(``all`` pools the models; then one group per model) on seed means. Their intervals are percentile
-bootstrap intervals over seeds: seeds are drawn with replacement (one draw for both variables), the
-points re-averaged and the coefficient recomputed; NaN with fewer than 2 seeds.
 
 The CLI computes each model in its own process (``--jobs``, default 2: the bundled pair on two
 cores), writes ``<name>.nc`` (this Dataset), ``<name>_surface.nc`` (the surfaces) and
@@ -55,13 +38,15 @@ from ..surface import SurfaceConfig, io
 from ..surface import dataset as surface_dataset
 from ..surface.perturb import Axis, DirectionSpec
 from .caching_error import ERRORS, METHODS_OR_AUTO, caching_errors
+from . import correlate
 from .correlate import SCORES, CorrelateConfig, compute, table
 
 
 def _parser():
     d = CorrelateConfig()
     s = d.surface
-    p = argparse.ArgumentParser(prog="python -m smoothness.correlate", description=__doc__,
+    about = correlate.__doc__.split("\n\n", 2)[2]            # the measurement, without the Python example
+    p = argparse.ArgumentParser(prog="python -m smoothness.correlate", description=f"{__doc__}\n{about}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     add_model_args(p)
