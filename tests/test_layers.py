@@ -11,12 +11,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "smoothness"
 LAYERS = [  # lowest first; a module may import its own layer and the ones before it
     ("util", ("smoothness", "smoothness._moved", "smoothness.io_utils")),
     ("core", ("smoothness.models", "smoothness.diffusion", "smoothness.hooks", "smoothness.chain",
-              "smoothness.data", "smoothness.metrics", "smoothness.cli")),
+              "smoothness.data", "smoothness.metrics", "smoothness.cli", "smoothness.ranks")),
     ("engines", ("smoothness.surface", "smoothness.cache")),
     ("analysis", ("smoothness.analysis",)),
     ("plots", ("smoothness.plots",)),
 ]
-APPS = ("smoothness.figures", "smoothness.data.train", "smoothness.data.sample", "smoothness.correlate",
+APPS = ("smoothness.figures", "smoothness.merge", "smoothness.data.train", "smoothness.data.sample", "smoothness.correlate",
         "smoothness.sample", "smoothness.train")
 SIBLINGS = [("smoothness.surface", "smoothness.cache")]   # same layer, but neither imports the other
 

@@ -14,6 +14,7 @@ x_t at that step; ``trajectory`` mode runs the perturbed model along the whole c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ import matplotlib.pyplot as plt
 import torch
 import xarray as xr
 
-from .. import chain, hooks
+from .. import chain, hooks, ranks
 from ..cli import add_model_args, parse_int_list
 from ..diffusion import SAMPLERS
 from ..io_utils import (
@@ -37,7 +38,7 @@ from ..models import Captions, bundled, load_entries
 from ..plots import surfaces as plotting
 from . import io, similarity
 from .config import DTYPES, SurfaceConfig
-from .dataset import compute, empty_dataset
+from .dataset import chunk_plan, compute, empty_dataset, owned_chunks
 from .engine import MODES, GridEngine, Perturbation
 from .evaluation import EVALUATIONS, readout_sites
 from .perturb import NORMS, Axis, DirectionSpec
@@ -93,6 +94,11 @@ def _parser():
     a("--resume", action="store_true", help="continue from <out>/<name>.partial.nc")
     a("--overwrite", action="store_true", help="replace a finished result of a different configuration "
       "(default: refuse)")
+    a("--shard", default=None, metavar="I/N", help="fill only shard I of N of the grid's chunks and write "
+      "<name>.shard-I-of-N.nc; merge the N files with python -m smoothness.merge (default: the whole grid; under "
+      "torchrun each rank takes its shard and rank 0 merges)")
+    a("--barrier-timeout", type=float, default=3600.0, help="torchrun: seconds rank 0 waits for the other ranks "
+      "before failing the job (default: 3600)")
     return p
 
 
@@ -155,27 +161,69 @@ def _validate(entries, cfg: SurfaceConfig):
             hooks.resolve_sites(e.model, r)
 
 
+def _shard(args) -> tuple[tuple[int, int], bool]:
+    """(shard (i, n), launched by torchrun) from --shard or torchrun's environment."""
+    world = ranks.from_env()
+    if world is not None and args.shard:
+        raise ValueError("--shard and torchrun are alternatives: torchrun gives each rank its shard")
+    if args.barrier_timeout <= 0:
+        raise ValueError(f"--barrier-timeout={args.barrier_timeout:g} is not allowed; use a positive number of seconds")
+    return (world or (ranks.parse_shard(args.shard) if args.shard else (0, 1))), world is not None
+
+
+def _run(entries, cfg: SurfaceConfig, args, out: Path, stem: str, fp: str, shard) -> xr.Dataset:
+    """Compute this process's part (resuming from its partial file) and save it as ``<stem>.nc``."""
+    partial, final = out / f"{stem}.partial.nc", out / f"{stem}.nc"
+    guard_results([final], fp, args.overwrite)
+    for stale in remove_stale_temporaries(output_paths(out, stem)):
+        print(f"removed {stale}, left by an interrupted write")
+    resume_from = io.resumable(partial, empty_dataset(entries, cfg)) if args.resume else None
+    if resume_from is not None:
+        if io.shard_of(resume_from, str(partial)) != shard:
+            raise ValueError(f"{str(partial)!r} is shard {resume_from.attrs.get('shard', '0/1')}, not "
+                             f"{shard[0]}/{shard[1]}; resume each shard with its own --shard")
+        print(f"resuming from {partial}")
+    if shard[1] > 1:
+        owned = owned_chunks(len(chunk_plan(cfg)[1]), shard)
+        print(f"shard {shard[0]}/{shard[1]}: {len(owned)} of {len(chunk_plan(cfg)[1])} chunks"
+              + ("; nothing to do for this grid, waiting for the others" if not owned else ""))
+    print(f"writing {final}" + (" and its figures" if shard[1] == 1 else ""))
+    ds = compute(entries, cfg, partial=partial, resume_from=resume_from, shard=shard)
+    ds.attrs["fingerprint"] = fp
+    io.save(ds, final)
+    partial.unlink(missing_ok=True)
+    return ds
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     cfg = config_from_args(args)
+    shard, launched = _shard(args)
     out = check_writable(args.out)
     names = (args.model or []) + (args.ckpt or []) or list(bundled.DEFAULT_PAIR)
     entries = load_entries(names, args.num_heads)
     _validate(entries, cfg)
     name = args.name or run_name("surface", [e.label for e in entries], "step" + "-".join(map(str, cfg.steps)))
-    partial, final = out / f"{name}.partial.nc", out / f"{name}.nc"
     fp = fingerprint(cfg.to_json(), [(e.source, e.sha256) for e in entries])
-    guard_results([final], fp, args.overwrite)
-    for stale in remove_stale_temporaries(output_paths(out, name)):
-        print(f"removed {stale}, left by an interrupted write")
-    resume_from = io.resumable(partial, empty_dataset(entries, cfg)) if args.resume else None
-    if resume_from is not None:
-        print(f"resuming from {partial}")
-    print(f"writing {final} and its figures")
+    stem = name if shard[1] == 1 else f"{name}.shard-{shard[0]}-of-{shard[1]}"
     t0 = time.time()
-    ds = compute(entries, cfg, partial=partial, resume_from=resume_from)
-    ds.attrs["fingerprint"] = fp
-    io.save(ds, final)
-    partial.unlink(missing_ok=True)
-    paths = [final] + write_figures(ds, out, name)
+    with ranks.process_group(cfg.device, args.barrier_timeout) if launched else contextlib.nullcontext():
+        if launched and shard[0] == 0:
+            guard_results([out / f"{name}.nc"], fp, args.overwrite)      # before any rank's work
+        ds = _run(entries, cfg, args, out, stem, fp, shard)
+        if launched:
+            ranks.barrier(args.barrier_timeout)
+            if shard[0] != 0:
+                return
+            files = [out / f"{name}.shard-{i}-of-{shard[1]}.nc" for i in range(shard[1])]
+            ds = io.merge([io.load(f) for f in files], [str(f) for f in files])
+            ds.attrs["fingerprint"] = fp
+            io.save(ds, out / f"{name}.nc")
+            for f in files:
+                f.unlink()
+    if shard[1] > 1 and not launched:
+        print(f"shard {shard[0]}/{shard[1]} done in {time.time() - t0:.0f}s: {out / stem}.nc; when all {shard[1]} "
+              f"are done: python -m smoothness.merge {out / name}.shard-*-of-{shard[1]}.nc --out {out / name}.nc")
+        return
+    paths = [out / f"{name}.nc"] + write_figures(ds, out, name)
     print(f"done in {time.time() - t0:.0f}s: " + ", ".join(str(p) for p in paths))

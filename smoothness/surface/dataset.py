@@ -57,38 +57,58 @@ def empty_dataset(entries: list[ModelEntry], cfg: SurfaceConfig) -> xr.Dataset:
     return ds
 
 
+def chunk_plan(cfg: SurfaceConfig) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(points (P, 2) alpha-major, chunks of point indices): the chunk holding the origin comes first."""
+    points = _grid_points(cfg)
+    return points, _chunks(points, cfg.batch_size)
+
+
+def owned_chunks(n_chunks: int, shard: tuple[int, int] = (0, 1)) -> list[int]:
+    """The chunks shard i of n fills: chunk c goes to shard c mod n (the deal depends on nothing else,
+    so the merged shards equal one run bit for bit). Every shard also evaluates chunk 0, the reference."""
+    i, n = shard
+    return [c for c in range(n_chunks) if c % n == i]
+
+
 def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | None = None,
-            resume_from: xr.Dataset | None = None, progress: bool = True, log=print) -> xr.Dataset:
+            resume_from: xr.Dataset | None = None, progress: bool = True, log=print,
+            shard: tuple[int, int] = (0, 1)) -> xr.Dataset:
     """Fill a surface Dataset, one chunk of grid points at a time, every step of a chunk together.
     After each chunk the partial result is saved to ``partial`` (atomically); ``resume_from`` skips
     the chunks already complete there. The chunk holding the origin always runs (it is the
-    reference), and a chunk always runs whole, so a resumed result is bit-identical."""
+    reference), and a chunk always runs whole, so a resumed result is bit-identical. ``shard``
+    (i, n) fills only the chunks of ``owned_chunks`` and leaves the others NaN (see ``io.merge``)."""
     log = log or (lambda *_: None)
     ds = resume_from.copy(deep=True) if resume_from is not None else empty_dataset(entries, cfg)
-    points = _grid_points(cfg)
-    chunks = _chunks(points, cfg.batch_size)
+    if shard[1] > 1:
+        ds.attrs["shard"] = f"{shard[0]}/{shard[1]}"          # the partial file says which shard it is
+    points, chunks = chunk_plan(cfg)
+    owned = owned_chunks(len(chunks), shard)
     values = np.ascontiguousarray(ds["surface"].values)     # (model, step, readout, seed, alpha, beta)
     ds["surface"].values = values
     cells = values.reshape(*values.shape[:4], -1)            # a view: grid points flattened, as ``points``
-    bar = tqdm(total=len(entries) * len(chunks), disable=not progress, desc="surface", unit="chunk")
+    bar = tqdm(total=len(entries) * len(owned), disable=not progress, desc="surface", unit="chunk")
     for m, e in enumerate(entries):
-        todo = [c_i for c_i, chunk in enumerate(chunks) if c_i == 0 or np.isnan(cells[m][..., chunk]).any()]
-        if len(todo) == 1 and not np.isnan(cells[m][..., chunks[0]]).any():
-            bar.update(len(chunks))                          # every chunk done (the origin's too)
+        pending = [c for c in owned if np.isnan(cells[m][..., chunks[c]]).any()]
+        if not pending:
+            bar.update(len(owned))                           # every chunk of this shard done
             continue
-        _fill_model(e, cfg, points, [(c_i, chunks[c_i]) for c_i in todo], cells[m],
+        todo = [0] + [c for c in pending if c != 0]          # chunk 0 first: the reference
+        _fill_model(e, cfg, points, [(c, chunks[c], c in owned) for c in todo], cells[m],
                     save=(lambda: io.save(ds, partial)) if partial is not None else None,
-                    advance=bar.update, skipped=len(chunks) - len(todo))
-        for s_i in range(len(cfg.steps)):
-            _summary(ds, m, s_i, log)
+                    advance=bar.update, skipped=len(owned) - len(pending))
+        if shard[1] == 1:
+            for s_i in range(len(cfg.steps)):
+                _summary(ds, m, s_i, log)
     bar.close()
     return ds
 
 
 def _fill_model(e: ModelEntry, cfg: SurfaceConfig, points: np.ndarray, todo, cells: np.ndarray, save, advance,
                 skipped: int):
-    """Evaluate the chunks ``todo`` [(index, point indices)] of one model into ``cells`` (step,
-    readout, seed, point), saving after each; chunk 0 (the origin's) is always among them."""
+    """Evaluate the chunks ``todo`` [(index, point indices, kept)] of one model into ``cells`` (step,
+    readout, seed, point), saving after each kept one; chunk 0 (the origin's, the reference) is
+    always the first of them, kept or not."""
     diffusion = Diffusion.for_config(cfg.sampler)
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     e.model.to(device=device, dtype=dtype).eval()
@@ -106,7 +126,7 @@ def _fill_model(e: ModelEntry, cfg: SurfaceConfig, points: np.ndarray, todo, cel
         if cfg.evaluation == "local":
             inputs = [chain_inputs(e.model, spec, diffusion, seed, y1, shape, dtype, e.label) for seed in cfg.seeds]
         ref = {}
-        for _, chunk in todo:
+        for _, chunk, kept in todo:
             coef = (torch.tensor(points[chunk, 0]), torch.tensor(points[chunk, 1]))
             if cfg.evaluation == "local":
                 data = local(e.model, spec, diffusion, inputs, y1, coef, engine)
@@ -114,15 +134,17 @@ def _fill_model(e: ModelEntry, cfg: SurfaceConfig, points: np.ndarray, todo, cel
                 per_seed = [trajectory(e.model, spec, diffusion, seed, y1, coef, engine, shape, dtype)
                             for seed in cfg.seeds]
                 data = {k: torch.cat([d[k] for d in per_seed], dim=1) for k in per_seed[0]}
-            _compare(e.label, cfg, data, ref, points, chunk, cells)
-            if save is not None:
-                save()
-            advance(1)
+            _compare(e.label, cfg, data, ref, points, chunk, cells if kept else None)
+            if kept:
+                if save is not None:
+                    save()
+                advance(1)
 
 
 def _compare(label: str, cfg: SurfaceConfig, data, ref: dict, points: np.ndarray, chunk: np.ndarray,
-             cells: np.ndarray):
-    """Similarity of a chunk's readouts to the origin's (the first chunk sets ``ref``) into ``cells``."""
+             cells: np.ndarray | None):
+    """Similarity of a chunk's readouts to the origin's (the first chunk sets ``ref``) into ``cells``
+    (None: the chunk only gives the reference)."""
     origin = np.flatnonzero((points[chunk] == 0).all(axis=1))
     for s_i, step in enumerate(sorted(cfg.steps)):
         for r_i, r in enumerate(cfg.readouts):
@@ -136,6 +158,8 @@ def _compare(label: str, cfg: SurfaceConfig, data, ref: dict, points: np.ndarray
                                  f"(alpha={points[bad, 0]:g}, beta={points[bad, 1]:g}); use a smaller grid range")
             if (r, step) not in ref:
                 ref[r, step] = feats[int(origin[0])]
+            if cells is None:
+                continue
             cells[s_i, r_i][:, chunk] = similarity.compare(feats, ref[r, step], cfg.metric, cfg.flatten).numpy().T
 
 

@@ -94,3 +94,56 @@ def resumable(path: Path, expected: xr.Dataset) -> xr.Dataset | None:
         if not np.array_equal(ds[dim].values, expected[dim].values):
             raise ValueError(f"{str(path)!r} has different {dim} coordinates; delete it or use another --out")
     return ds
+
+
+def shard_of(ds: xr.Dataset, where: str = "dataset") -> tuple[int, int]:
+    """(i, n) of a shard file (``attrs["shard"] = "i/n"``); (0, 1) for a whole result."""
+    text = str(ds.attrs.get("shard", "0/1"))
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"{where}: shard attribute {text!r} is not i/n") from None
+    return i, n
+
+
+def merge(parts: list[xr.Dataset], names: list[str] | None = None) -> xr.Dataset:
+    """One surface from the shard files of one run: same configuration and models, shards 0..n-1 of
+    the same n each once, and every cell filled by exactly one of them."""
+    names = names or [f"shard file {k}" for k in range(len(parts))]
+    if not parts:
+        raise ValueError("no shard files to merge")
+    first = parts[0]
+    for ds, name in zip(parts, names):
+        check_schema(ds, name)
+        for key in ("config", "models", "model_sha256"):
+            if ds.attrs.get(key) != first.attrs.get(key):
+                raise ValueError(f"{name} belongs to a different run than {names[0]} ({key} differs); "
+                                 "merge only the shards of one run")
+        for dim in DIMS:
+            if not np.array_equal(ds[dim].values, first[dim].values):
+                raise ValueError(f"{name} has different {dim} coordinates than {names[0]}")
+    shards = [shard_of(ds, name) for ds, name in zip(parts, names)]
+    n = shards[0][1]
+    if any(s[1] != n for s in shards):
+        raise ValueError(f"the files come from different shard counts ({sorted({s[1] for s in shards})}); "
+                         "merge the shards of one split")
+    have = sorted(s[0] for s in shards)
+    if have != list(range(n)):
+        dup = sorted({i for i in have if have.count(i) > 1})
+        miss = sorted(set(range(n)) - set(have))
+        raise ValueError(f"shards of a {n}-way split: " + (f"missing {miss}" if miss else "") +
+                         ("; " if miss and dup else "") + (f"given twice {dup}" if dup else ""))
+    filled = np.stack([~np.isnan(ds["surface"].values) for ds in parts])
+    if (filled.sum(0) > 1).any():
+        raise ValueError(f"{int((filled.sum(0) > 1).sum())} cells are filled in more than one shard; "
+                         "the shards overlap (were they made with different --batch-size?)")
+    if (filled.sum(0) == 0).any():
+        raise ValueError(f"{int((filled.sum(0) == 0).sum())} cells are filled in no shard; a shard is "
+                         "unfinished: resume it with --resume before merging")
+    out = first.copy(deep=True)
+    values = out["surface"].values
+    for ds in parts[1:]:
+        np.copyto(values, ds["surface"].values, where=~np.isnan(ds["surface"].values))
+    out["surface"].values = values
+    out.attrs.pop("shard", None)
+    return out
