@@ -197,3 +197,20 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("error: ") for line in err)
     assert "at most 3.98" in err[1] and "another model" in err[2] and "empty" in err[3]
+
+
+def test_evaluate_runs_every_row_and_writes_table_and_figure(make_model, tmp_path):
+    from smoothness.plan.cli import write_evaluation
+    from smoothness.plan.evaluate import EvaluateConfig, evaluate
+    entries = [ModelEntry("plain", make_model("DiT-Mini/2", in_channels=1)),
+               ModelEntry("skip", make_model("DiT-Mini/2-skip", seed=1, in_channels=1))]
+    cfg = EvaluateConfig(budgets=(1.3,), seeds=(1, 2), classes=(0, 1),
+                         profile=ProfileConfig(sampler=SHORT, probes=2, calib_gaps=2), plan=PlanConfig(max_run=3))
+    ds = evaluate(entries, cfg, log=None)
+    assert list(ds.planner.values) == ["planner", "planner-other", "oracle", "uniform"]
+    assert np.isfinite(ds.psnr).all() and (ds.theoretical_speedup >= 1.3).all()
+    assert (ds.k.sel(model="plain") == -1).all()                                 # FORA on the vanilla model
+    oracle = ds.calibration_passes.sel(planner="oracle", model="skip").item()
+    assert oracle == 6 + sum(1 + min(3, 6 - f) for f in range(1, 6))
+    paths = write_evaluation(ds, tmp_path, "ev")
+    assert all(p.is_file() for p in paths) and "| skip | 1.3x | oracle |" in paths[1].read_text()

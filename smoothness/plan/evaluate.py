@@ -25,7 +25,6 @@ from ..cache.flops import schedule_cost
 from ..cache.sweep import run_chain
 from ..data import classifier
 from ..diffusion import Diffusion, SamplerConfig
-from ..io_utils import versions
 from ..models import ModelEntry
 from ..models.bundled import is_pixel_digits
 from .planner import Calibration, PlanConfig, plan
@@ -168,7 +167,7 @@ def _dataset(entries, cfg: EvaluateConfig, data, passes, masks, ks, fits, profil
                     calibrations=json.dumps({k: str(v) for k, v in fits.items()}),
                     calibration_spearman=json.dumps({k: v.spearman for k, v in fits.items()}),
                     profile_chains=json.dumps({k: p.attrs["cost_profile_chains"] for k, p in profiles.items()}),
-                    torch_threads=torch.get_num_threads(), versions=json.dumps(versions()),
+                    torch_threads=torch.get_num_threads(),
                     **chain.sampler_attrs(cfg.sampler), **chain.provenance(entries))
     return ds
 
