@@ -27,7 +27,7 @@ from ..data import classifier
 from ..diffusion import Diffusion, SamplerConfig
 from ..models import ModelEntry
 from ..models.bundled import is_pixel_digits
-from .planner import Calibration, PlanConfig, plan
+from .planner import Calibration, PlanConfig, check_budget, plan
 from .profile import ProfileConfig, check_profile, profile
 from .references import REFERENCES, Context
 
@@ -126,6 +126,12 @@ def evaluate(entries: list[ModelEntry], cfg: EvaluateConfig = EvaluateConfig(), 
         ctx = Context(model, cfg.sampler, cfg.plan, seed=cfg.profile.seeds[0], class_label=cfg.profile.class_label)
         a = prof.attrs
         for b, budget in enumerate(budgets):
+            try:
+                check_budget(model, budget, cfg.plan.method_for(model), cfg.plan.ks_for(model), cfg.sampler.num_steps,
+                             cfg.plan.max_run)
+            except ValueError as err:                      # e.g. Skip-Cache on a 4-unit model: left NaN, said why
+                log(f"{e.label} {budget:g}x: skipped ({err})")
+                continue
             for r, row in enumerate(rows):
                 if row.startswith("planner"):
                     fit = fits[e.label if row == "planner" else other]
@@ -190,6 +196,9 @@ def table(ds: xr.Dataset) -> str:
         for b in ds.budget.values:
             for p in ds.planner.values:
                 r = ds.sel(model=m, budget=b, planner=p)
+                if not np.isfinite(r.psnr).any():
+                    lines.append(f"| {m} | {b:g}x | {p} | - | unreachable | | | | | |")
+                    continue
                 mean, lo, hi = (float(r.psnr_ci.sel(bound=v)) for v in ("mean", "low", "high"))
                 k = int(r.k)
                 lines.append(f"| {m} | {b:g}x | {p} | {k if k >= 0 else '-'} | {float(r.theoretical_speedup.mean()):.3f} | "
