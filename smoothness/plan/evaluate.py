@@ -13,7 +13,7 @@ the other model of the pair, applied without refitting), then every entry of
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -85,13 +85,13 @@ class _Runs:
         self.refs = {s: run_chain(model, self.diffusion, self.shape, self.y, cfg.sampler, s, None) for s in cfg.seeds}
         self.rows = self.shape[0] * (2 if cfg.sampler.cfg_scale > 1 and self.y is not None else 1)
 
-    def score(self, cache) -> np.ndarray:
-        """(seed, score) for one CacheConfig, in SCORES order."""
-        out = np.full((len(self.cfg.seeds), len(SCORES)), np.nan)
-        speed = float(schedule_cost(self.model, cache, self.diffusion.chain, batch=self.rows)
-                      .attrs["theoretical_speedup"])
+    def score(self, cache) -> tuple[np.ndarray, str]:
+        """((seed, score) in SCORES order, the mask run on the first seed) for one CacheConfig. The
+        theoretical speedup is counted on the schedule each run actually took (a dynamic method's
+        decisions are only known after the run)."""
+        out, mask = np.full((len(self.cfg.seeds), len(SCORES)), np.nan), ""
         for i, seed in enumerate(self.cfg.seeds):
-            x, _, sec, _ = run_chain(self.model, self.diffusion, self.shape, self.y, self.cfg.sampler, seed, cache)
+            x, _, sec, state = run_chain(self.model, self.diffusion, self.shape, self.y, self.cfg.sampler, seed, cache)
             x_ref, _, ref_sec, _ = self.refs[seed]
             side = min(x.shape[-2:])
             win = min(11, side if side % 2 else side - 1)
@@ -99,8 +99,12 @@ class _Runs:
             out[i, 1] = metrics.ssim(x, x_ref, data_range=2.0, win_size=win).mean().item()
             if self.scorer is not None:
                 out[i, 2] = metrics.classifier_accuracy(x, self.y, self.scorer).item()
-            out[i, 3], out[i, 4] = speed, ref_sec / sec
-        return out
+            ran = replace(cache, mask=state.schedule)
+            out[i, 3] = float(schedule_cost(self.model, ran, self.diffusion.chain, batch=self.rows)
+                              .attrs["theoretical_speedup"])
+            out[i, 4] = ref_sec / sec
+            mask = mask or state.schedule.mask
+        return out, mask
 
 
 def evaluate(entries: list[ModelEntry], cfg: EvaluateConfig = EvaluateConfig(), log=print) -> xr.Dataset:
@@ -140,10 +144,9 @@ def evaluate(entries: list[ModelEntry], cfg: EvaluateConfig = EvaluateConfig(), 
                 else:
                     cands = REFERENCES[row].build(ctx, budget)
                     configs, passes[m, r, b] = cands.configs, cands.calibration_passes
-                scored = [runs.score(c) for c in configs]
+                scored, ran = zip(*[runs.score(c) for c in configs])
                 best = int(np.argmax([s[:, 0].mean() for s in scored]))
-                data[m, r, b] = scored[best]
-                masks[m, r, b] = configs[best].schedule(runs.diffusion.chain).mask
+                data[m, r, b], masks[m, r, b] = scored[best], ran[best]
                 ks[m, r, b] = -1 if configs[best].method == "fora" else configs[best].k
                 log(f"{e.label} {budget:g}x {row}: PSNR {scored[best][:, 0].mean():.2f} dB at "
                     f"{scored[best][0, 3]:.3f}x theoretical, {scored[best][:, 4].mean():.2f}x realized "
