@@ -133,7 +133,7 @@ def test_profile_cost_matches_counted_forward_passes(tiny_skip):
     assert cal.b >= 0 and cal.points == 2 * 2
 
 
-def test_default_profile_costs_at_most_three_chains_on_the_bundled_sizes(tiny):
+def test_default_profile_costs_at_most_three_chains_on_the_bundled_sizes():
     from smoothness.models import bundled
     for name in bundled.diffusion_models():
         model = bundled.load(name)

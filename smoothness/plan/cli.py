@@ -9,7 +9,7 @@ The planner writes ``<out>/plan_<model>.json`` (SmoothCache-style JSON: one 1/0 
 and prints the schedule as a mask string (F full, c cached), cache-dit's ``steps_computation_mask``,
 k and the theoretical speedup. A profile is computed (and saved as ``<out>/profile_<model>.nc``)
 unless ``--profile`` gives one; ``--calibration-from`` fits the smoothness-to-error map on another
-model's profile. ``evaluate`` writes ``plan_evaluation.nc``, ``.md`` (the table) and ``.png``.
+model's profile. ``evaluate`` writes ``plan_evaluation_<pair>.nc``, ``.md`` (the table) and ``.png``.
 """
 from __future__ import annotations
 
