@@ -214,3 +214,19 @@ def test_evaluate_runs_every_row_and_writes_table_and_figure(make_model, tmp_pat
     assert oracle == 6 + sum(1 + min(3, 6 - f) for f in range(1, 6))
     paths = write_evaluation(ds, tmp_path, "ev")
     assert all(p.is_file() for p in paths) and "| skip | 1.3x | oracle |" in paths[1].read_text()
+
+
+def test_cli_plans_and_exports_every_format(tmp_path, capsys):
+    import json
+    from smoothness.cache import Schedule
+    args = ["--model", "digits-skip-dit", "--budget", "1.5", "--num-sampling-steps", "8", "--probes", "2",
+            "--calib-gaps", "2", "--out", str(tmp_path)]
+    assert run_cli(main, args) == 0
+    out = capsys.readouterr().out
+    mask = next(line.split()[2] for line in out.splitlines() if line.startswith("skip-cache k="))
+    dit = next(line.split()[-1] for line in out.splitlines() if "steps_computation_mask" in line)
+    sched = Schedule.from_json((tmp_path / "plan_digits-skip-dit.json").read_text())
+    assert sched.mask == mask and sched.to_cache_dit() == dit and len(sched) == 8
+    assert (tmp_path / "profile_digits-skip-dit.nc").is_file()
+    assert run_cli(main, args + ["--profile", str(tmp_path / "profile_digits-skip-dit.nc")]) == 0   # reuses it
+    assert mask in capsys.readouterr().out

@@ -42,6 +42,14 @@ def _chain_args(p, cfg_scale: float | None = 3.0):
                    help="classifier-free guidance (default: 3 for class-conditional models, 1 otherwise)")
     p.add_argument("--probes", type=int, default=d.probes, help=f"probe steps of the profile (default: {d.probes})")
     p.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="profile chains (default: 0)")
+    p.add_argument("--class-label", type=int, default=d.class_label, help=f"class of the profile chains "
+                   f"(default: {d.class_label})")
+    p.add_argument("--radius", type=float, default=d.radius, help=f"probe perturbation +-radius (default: {d.radius})")
+    p.add_argument("--direction-seed", type=int, default=d.direction_seed, help="(default: 0)")
+    p.add_argument("--calib-ks", default=",".join(map(str, d.calib_ks)), help="k of the calibration measurements "
+                   "(default: 1,2)")
+    p.add_argument("--calib-gaps", type=int, default=d.calib_gaps,
+                   help=f"cached calls after each calibration fill (default: {d.calib_gaps})")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: 0)")
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
 
@@ -50,7 +58,9 @@ def _profile_config(args, conditional: bool) -> ProfileConfig:
     cfg = args.cfg_scale if args.cfg_scale is not None else (3.0 if conditional else 1.0)
     sampler = SamplerConfig(num_steps=args.num_sampling_steps, sampler=args.sampler, cfg_scale=cfg,
                             clip_denoised=True)
-    return ProfileConfig(sampler=sampler, probes=args.probes, seeds=tuple(parse_int_list(args.seeds, "--seeds")))
+    return ProfileConfig(sampler=sampler, probes=args.probes, seeds=tuple(parse_int_list(args.seeds, "--seeds")),
+                         class_label=args.class_label, radius=args.radius, direction_seed=args.direction_seed,
+                         calib_ks=tuple(parse_int_list(args.calib_ks, "--calib-ks")), calib_gaps=args.calib_gaps)
 
 
 def _threads(n: int):
@@ -138,6 +148,10 @@ def main_evaluate(argv):
     p.add_argument("--budgets", default=",".join(f"{b:g}" for b in d.budgets), help="(default: 1.5,2,2.5)")
     p.add_argument("--eval-seeds", default=",".join(map(str, d.seeds)), help="(default: 1,2,3)")
     p.add_argument("--per-class", type=int, default=d.per_class, help=f"samples per class (default: {d.per_class})")
+    p.add_argument("--references", default=",".join(d.references),
+                   help=f"reference rows, from {', '.join(d.references)} (default: all)")
+    p.add_argument("--max-run", type=int, default=PlanConfig().max_run, help="cached steps in a row at most "
+                   f"(default: {PlanConfig().max_run})")
     _chain_args(p, cfg_scale=None)
     args = p.parse_args(argv)
     try:
@@ -146,7 +160,8 @@ def main_evaluate(argv):
         raise ValueError(f"--budgets {args.budgets!r} is not a comma-separated list of numbers") from None
     prof = _profile_config(args, args.pair == "image")
     cfg = EvaluateConfig(budgets=budgets, seeds=tuple(parse_int_list(args.eval_seeds, "--eval-seeds")),
-                         per_class=args.per_class, profile=prof)
+                         per_class=args.per_class, profile=prof, plan=PlanConfig(max_run=args.max_run),
+                         references=tuple(r.strip() for r in args.references.split(",") if r.strip()))
     _threads(args.threads)
     out = check_writable(args.out)
     ds = evaluate(load_entries(list(PAIRS[args.pair])), cfg)
