@@ -16,6 +16,7 @@ Every figure is written as ``<stem>.png`` with ``<stem>.nc`` (xarray, netCDF) be
     f  Jacobian spectral norms per unit and end to end
     g  Fig. 2 as drawn: Latte against Latte-skip, unconditional video, DDPM steps 10 and 250
     h  samples of the bundled video pair: frame strips and an animated GIF
+    i  planned cache schedules against the best uniform one and the measured-error oracle
 """
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ from .io_utils import atomic_path, check_writable
 from .models import bundled, load_entries
 from .plots import surfaces as plotting
 from .plots.analysis import correlation_scatter, dynamics_heatmap, spectral_norms
+from .plan.evaluate import EvaluateConfig, evaluate
 from .plots.cache import figure as quality_speedup
 from .plots.cache import teaser as teaser_figure
+from .plots.plan import figure as plan_figure
 from .plots.samples import strip_figure, write_gif
 from .surface import SurfaceConfig, compute
 from .surface.perturb import Axis
@@ -57,10 +60,12 @@ PAPER = {
     "f": "v4/v5 spectral-norm argument: largest Jacobian singular value per unit and end to end",
     "g": "Fig. 2 (v1) as drawn: Latte vs Latte-skip, unconditional video, DDPM steps 10 and 250",
     "h": "samples of the bundled video pair (Latte, Latte-skip): frame strips, and one GIF per model beside them",
+    "i": "beyond the paper: a cache schedule planned from smoothness alone against uniform schedules and the oracle",
 }
 STEMS = {"a": "fig_a_surfaces", "b": "fig_b_cache_similarity", "c": "fig_c_quality_speedup",
          "d": "fig_d_feature_dynamics", "e": "fig_e_smoothness_vs_caching", "f": "fig_f_spectral_norms",
-         "g": "fig_g_video_surfaces", "h": "fig_h_video_samples"}
+         "g": "fig_g_video_surfaces", "h": "fig_h_video_samples",
+         "i": "fig_i_planned_schedules"}
 
 
 @dataclass(frozen=True)
@@ -252,6 +257,9 @@ def main(argv=None):
             ds, fig = spectral(models, res, log)
         elif key == "g":
             ds, fig = surfaces(video, res, res.video_grid, log)
+        elif key == "i":
+            ds = evaluate(load_entries(list(pair)), EvaluateConfig(), log=log)
+            fig = plan_figure(ds)
         else:
             ds, fig, _ = video_samples(video, res, out, log)
         ds.attrs.update(figure=key, answers=PAPER[key], resolution=args.resolution,

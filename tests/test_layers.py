@@ -13,7 +13,7 @@ LAYERS = [  # lowest first; a module may import its own layer and the ones befor
     ("core", ("smoothness.models", "smoothness.diffusion", "smoothness.hooks", "smoothness.chain",
               "smoothness.data", "smoothness.metrics", "smoothness.cli", "smoothness.ranks")),
     ("engines", ("smoothness.surface", "smoothness.cache")),
-    ("analysis", ("smoothness.analysis",)),
+    ("analysis", ("smoothness.analysis", "smoothness.plan")),
     ("plots", ("smoothness.plots",)),
 ]
 APPS = ("smoothness.figures", "smoothness.merge", "smoothness.data.train", "smoothness.data.sample", "smoothness.correlate",

@@ -10,8 +10,8 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_tutorials_are_there():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03"]
+def test_the_four_tutorials_are_there():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
