@@ -57,5 +57,6 @@ def latte(seed: int = 0, **overrides):
     import diffusers
     kw = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
               sample_size=8, patch_size=2, caption_channels=12, cross_attention_dim=16, video_length=3,
-              norm_elementwise_affine=False, norm_eps=1e-6)
+              norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True, activation_fn="gelu-approximate",
+              norm_type="ada_norm_single")                      # Latte-0's block settings
     return randomize(diffusers.LatteTransformer3DModel(**{**kw, **overrides}), seed)
