@@ -97,13 +97,19 @@ DIFFUSERS_CLASSES = {f.diffusers_class: f for f in FAMILIES.values() if f.diffus
 
 
 def family_of(model) -> Family:
-    """The family row of a model (objects without ``family``, e.g. wrappers, get DiT's defaults)."""
-    name = getattr(model, "family", None)
-    if name is None:
-        return DEFAULT
-    if name not in FAMILIES:
-        raise ValueError(f"model family {name!r} is not in the family table; known: {', '.join(FAMILIES)}")
-    return FAMILIES[name]
+    """The family row of a model. A model whose ``family`` is not in the table (a wrapper, or a new
+    family not registered) gets DiT's row: linear betas, epsilon prediction, analytic MACs."""
+    return FAMILIES.get(getattr(model, "family", None), DEFAULT)
+
+
+def register(family: Family) -> Family:
+    """Add a family row (bring your own DiT: say how it was trained and how its MACs are counted)."""
+    if not isinstance(family, Family):
+        raise ValueError(f"register takes a Family, got {type(family).__name__}")
+    FAMILIES[family.name] = family
+    if family.diffusers_class:
+        DIFFUSERS_CLASSES[family.diffusers_class] = family
+    return family
 
 
 def make(config) -> nn.Module:
