@@ -361,3 +361,24 @@ def test_surface_and_cache_clis_on_both_layouts(saved, tmp_path):
     assert np.nanmin(surface) < 1 and np.isfinite(psnr).any() and np.nanmax(speedup) > 1.2
     assert run_cli(surface_main, ["--ckpt", str(saved / "diffusers"), "--step", "50", "--num-steps", "100",
                                   "--out", str(tmp_path / "nocap")]) == 2
+
+
+def test_dynamics_spectral_and_correlation_on_hunyuan(tiny, saved):
+    """The analyses drive the adapter through the protocol: native skips included (spectral's fused
+    input path uses fuse + run_blocks)."""
+    from smoothness.analysis import correlate, dynamics, spectral
+    from smoothness.analysis.correlate import CorrelateConfig
+    from smoothness.surface import SurfaceConfig
+    model, cap = wrap(tiny), str(saved / "caption.pt")
+    sampler = SamplerConfig(num_steps=4, sampler="ddim", cfg_scale=6.0)
+    dyn = dynamics.compute({"hy": model}, dynamics.DynamicsConfig(sampler=sampler, caption_embeds=cap))
+    assert np.isfinite(dyn.change.values).all() and len(dyn.attrs["caption_sha256"]) == 64
+    spec = spectral.compute({"hy": model}, spectral.SpectralConfig(steps=(2,), sampler=sampler, maps=spectral.MAPS,
+                                                                   iterations=3, caption_embeds=cap))
+    for name in spec.data_vars:
+        if name.startswith("sigma_"):
+            assert np.isfinite(spec[name].values).any(), name
+    surf = SurfaceConfig(steps=(2, 3), sampler=sampler, alpha="-0.2:0.2:3", beta="-0.2:0.2:3", seeds=(0,),
+                         caption_embeds=cap)
+    ds = correlate.compute({"hy": model}, CorrelateConfig(surface=surf, k=1, window=1, n_resamples=10), log=None)
+    assert np.isfinite(ds.caching_error.values).all()
