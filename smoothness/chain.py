@@ -17,6 +17,7 @@ import torch
 from .diffusion import Diffusion, SamplerConfig, Step
 from .io_utils import versions
 from .models import Captions, ModelEntry, as_entries, caption_attrs
+from .models.protocol import family_of
 
 __all__ = ["Captions", "ModelEntry", "as_entries", "at_steps", "caption_attrs", "check_captions_for", "check_seeds",
            "check_steps", "config_json", "embeds", "is_text", "labels", "model_device_dtype", "num_classes", "provenance",
@@ -112,9 +113,13 @@ def check_seeds(seeds):
 
 
 def provenance(entries) -> dict:
-    """attrs naming every model's source and checksum (JSON strings, netCDF-safe)."""
+    """attrs naming every model's source, checksum and family with its training process (beta
+    schedule, prediction) the chains were sampled with (JSON strings, netCDF-safe)."""
+    fam = {e.label: family_of(e.model) for e in entries}
     return {"models": json.dumps({e.label: getattr(e, "source", "") for e in entries}),
             "model_sha256": json.dumps({e.label: getattr(e, "sha256", "") for e in entries}),
+            "model_family": json.dumps({k: f.name for k, f in fam.items()}),
+            "diffusion_process": json.dumps({k: f"{f.schedule} betas, {f.prediction} prediction" for k, f in fam.items()}),
             "versions": json.dumps(versions())}
 
 

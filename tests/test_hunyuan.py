@@ -382,3 +382,16 @@ def test_dynamics_spectral_and_correlation_on_hunyuan(tiny, saved):
                          caption_embeds=cap)
     ds = correlate.compute({"hy": model}, CorrelateConfig(surface=surf, k=1, window=1, n_resamples=10), log=None)
     assert np.isfinite(ds.caching_error.values).all()
+
+
+def test_results_record_the_family_and_its_process(saved, tmp_path):
+    import json
+
+    import xarray as xr
+
+    from smoothness.surface.cli import main as surface_main
+    assert run_cli(surface_main, ["--ckpt", str(saved / "tencent.pt"), "--caption-embeds", str(saved / "caption.pt"),
+                                  "--steps", "2", "--num-steps", "3", "--grid=-0.1:0.1:3", "--out", str(tmp_path)]) == 0
+    with xr.open_dataset(tmp_path / "surface.nc", engine="h5netcdf") as ds:
+        assert json.loads(ds.attrs["model_family"]) == {"tencent": "hunyuan-dit"}
+        assert json.loads(ds.attrs["diffusion_process"]) == {"tencent": "scaled_linear betas, v prediction"}
