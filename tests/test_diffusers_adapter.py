@@ -259,3 +259,47 @@ def test_dit_adapter_macs_by_hand():
         flops.Shape.of(model)
     cost = flops.schedule_cost(model, CacheConfig(method="deep-reuse", interval=2, k=1, t_stop=0), [900, 800, 700, 600])
     assert cost.attrs["theoretical_speedup"] > 1.3
+
+
+def test_pixart_with_size_conditioning_as_the_pipeline():
+    """use_additional_conditions: resolution (H, W) in pixels and aspect ratio H / W, as PixArtAlphaPipeline."""
+    inner = pixart(use_additional_conditions=True, num_attention_heads=3, cross_attention_dim=24)   # width 24 = 3 x 8
+    x = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(6))
+    added = {"resolution": torch.tensor([[64.0, 96.0]]).repeat(2, 1), "aspect_ratio": torch.tensor([[64 / 96]]).repeat(2, 1)}
+    with torch.no_grad():
+        torch.testing.assert_close(wrap(inner)(x, T, CAPS), inner(x, CAPS, T, added_cond_kwargs=added).sample,
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_feature_perturbation_at_a_unit_output_equals_the_hooked_forward():
+    """The engine's tiled-prefix path (features at blocks.{i}) against the hook on the full batch."""
+    model = wrap(hunyuan())
+    x, y, t = X[:1], pack_captions(caption_parts(1)), torch.tensor([400])
+    coef = (torch.tensor([0.0, 0.5]), torch.tensor([0.2, -0.3]))
+    engine = GridEngine(model, Perturbation("features", DirectionSpec(seed=2), site="blocks.2"))
+    tile = lambda v: v.repeat(2, *([1] * (v.dim() - 1)))
+    with torch.no_grad():
+        out = engine.forward(x, t, y, coef)
+        ref = engine.run(tile(x), tile(t), tile(y), coef)
+    torch.testing.assert_close(out.reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_cli_on_a_broken_folder_exits_2(tmp_path, capsys):
+    from smoothness.cli import run_cli
+    from smoothness.surface.cli import main as surface_main
+    (tmp_path / "m").mkdir()
+    assert run_cli(surface_main, ["--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "has no config.json" in err and "Traceback" not in err
+
+
+def test_a_diffusers_layout_hunyuan_file_loads_too(tmp_path):
+    from safetensors.torch import save_file
+    inner = hunyuan()
+    save_file(inner.state_dict(), str(tmp_path / "hy.safetensors"))
+    model = load_model(tmp_path / "hy.safetensors")
+    assert model.config.input_size == 128 and model.sample_shape() == (4, 128, 128)   # 1024 px unless told
+    y = pack_captions(caption_parts(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(X[:1], T[:1], y), wrap(inner)(X[:1], T[:1], y), rtol=0, atol=0)

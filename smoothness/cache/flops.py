@@ -27,6 +27,7 @@ paper (which counts MACs), and 2 * 256 * 1152^2 = 0.68 GMACs per Skip-DiT fusion
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -194,14 +195,26 @@ class Measured:
         raise ValueError(f"unknown method {method!r}; allowed: skip-cache, deep-reuse, delta, fora, none")
 
 
+_MEASURED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {caption_tokens: Measured}
+
+
 def measure(model, caption_tokens: int | None = None) -> Measured:
     """Count one call of ``model`` at batch 1 (zeros; captions of ``caption_tokens`` tokens, default
-    the model's fixed length or 120) stage by stage. FLOPs / 2 = MACs."""
+    the model's fixed length or 120) stage by stage. FLOPs / 2 = MACs. Counted once per model."""
+    done = _MEASURED.setdefault(model, {})
+    if caption_tokens not in done:
+        done[caption_tokens] = _measure(model, caption_tokens)
+    return done[caption_tokens]
+
+
+def _measure(model, caption_tokens: int | None) -> Measured:
     c = model.config
-    x = torch.zeros(1, *model.sample_shape(), device=next(model.parameters()).device)
+    p = next(model.parameters())
+    x = torch.zeros(1, *model.sample_shape(), device=p.device, dtype=p.dtype)
     t = torch.full((1,), 500, device=x.device)
     if c.caption_channels:
-        y = torch.zeros(1, c.caption_tokens or caption_tokens or CAPTION_TOKENS, c.caption_channels, device=x.device)
+        y = torch.zeros(1, c.caption_tokens or caption_tokens or CAPTION_TOKENS, c.caption_channels, device=x.device,
+                        dtype=p.dtype)
     else:
         y = torch.zeros(1, dtype=torch.long, device=x.device) if c.num_classes else None
     branch_flops = [0] * model.num_units
