@@ -183,13 +183,20 @@ def test_hooks_record_blocks_branches_and_output():
     assert "blocks.3.cross" not in latte_model.sites()
 
 
-@pytest.mark.parametrize("make", ["dit", "hunyuan"])
+@pytest.mark.parametrize("make", ["dit", "hunyuan", "pixart", "latte"])
 def test_engine_equals_naive_loop(make):
     if make == "dit":
         model, x, y = wrap(dit()), X[:1], torch.tensor([2])
-    else:
+    elif make == "hunyuan":
         model, x, y = wrap(hunyuan()), X[:1], pack_captions(caption_parts(1))
+    elif make == "pixart":                                           # blocks add their own scale_shift_table
+        model, x, y = wrap(pixart()), X[:1], CAPS[:1]
+    else:
+        model, x, y = wrap(latte()), torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(8)), CAPS[:1]
     spec = DirectionSpec(seed=1)
+    if make in ("pixart", "latte"):
+        from smoothness.surface.perturb import select_parameters
+        assert "transformer_blocks.0.scale_shift_table" in select_parameters(model, spec)
     coef = (torch.tensor([0.0, 0.3, -0.2]), torch.tensor([0.0, 0.1, 0.25]))
     t = torch.tensor([400])
     with torch.no_grad():

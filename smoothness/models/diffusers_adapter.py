@@ -159,6 +159,23 @@ class DiffusersAdapter(nn.Module):
     def run_blocks(self, u: int, h, trunk: AdapterTrunk, skip=None):
         raise NotImplementedError
 
+    def grouped_forward(self, module: nn.Module):
+        """For the surface engine: a per-group forward of a diffusers block that adds its own
+        ``scale_shift_table`` (adaLN-single, PixArt / Latte). The table only enters as ``table +
+        timestep``, so a per-group table is the block's own forward with ``timestep`` shifted by the
+        group's table change. None for other modules."""
+        if not isinstance(getattr(module, "scale_shift_table", None), nn.Parameter) or module is self:
+            return None
+
+        def forward(values: dict, groups: int, *args, **kwargs):
+            table = values.get("scale_shift_table")
+            if table is not None:
+                mod = kwargs["timestep"]                                 # (B, 6H), B = groups x rows
+                delta = (table - module.scale_shift_table[None]).reshape(groups, -1).to(mod.dtype)   # (G, 6H)
+                kwargs["timestep"] = mod + delta.repeat_interleave(mod.shape[0] // groups, dim=0)
+            return type(module).forward(module, *args, **kwargs)
+        return forward
+
     def fuse(self, k: int, deep, skip):
         raise ValueError(f"{self.config.class_name} has no skip fusions")
 
@@ -360,12 +377,15 @@ class LatteAdapter(PixArtAdapter):
         nf, tokens, d = h.shape
         f = nf // n
         mod, context = trunk.batch["mod"], trunk.batch["context"]
-        h = self.transformer_blocks[u](h, None, context.repeat_interleave(f, dim=0), None,
-                                       mod.repeat_interleave(f, dim=0), None, None)
+        h = self.transformer_blocks[u](h, attention_mask=None, encoder_hidden_states=context.repeat_interleave(f, dim=0),
+                                       encoder_attention_mask=None, timestep=mod.repeat_interleave(f, dim=0),
+                                       cross_attention_kwargs=None, class_labels=None)
         h = h.reshape(n, -1, tokens, d).permute(0, 2, 1, 3).reshape(-1, f, d)   # (N*T, F, H)
         if u == 0 and f > 1:
             h = h + self.temp_pos_embed.to(h.dtype)
-        h = self.temporal_transformer_blocks[u](h, None, None, None, mod.repeat_interleave(tokens, dim=0), None, None)
+        h = self.temporal_transformer_blocks[u](h, attention_mask=None, encoder_hidden_states=None,
+                                                encoder_attention_mask=None, timestep=mod.repeat_interleave(tokens, dim=0),
+                                                cross_attention_kwargs=None, class_labels=None)
         return h.reshape(n, -1, f, d).permute(0, 2, 1, 3).reshape(-1, tokens, d)   # (N*F, T, H)
 
     def head(self, trunk):
