@@ -357,6 +357,8 @@ def test_surface_and_cache_clis_on_both_layouts(saved, tmp_path):
             results[name] = (s["surface"].values.copy(), c["psnr"].values.copy(), c["theoretical_speedup"].values.copy())
     for a, b in zip(results["diffusers"], results["tencent"]):
         np.testing.assert_array_equal(a, b)
+    with xr.open_dataset(tmp_path / "tencent" / "cache.nc", engine="h5netcdf") as c:
+        assert c.attrs["cfg_scale"] == 6.0                              # HunYuan-DiT's own guidance by default
     surface, psnr, speedup = results["diffusers"]
     assert np.nanmin(surface) < 1 and np.isfinite(psnr).any() and np.nanmax(speedup) > 1.2
     assert run_cli(surface_main, ["--ckpt", str(saved / "diffusers"), "--step", "50", "--num-steps", "100",
@@ -395,3 +397,24 @@ def test_results_record_the_family_and_its_process(saved, tmp_path):
     with xr.open_dataset(tmp_path / "surface.nc", engine="h5netcdf") as ds:
         assert json.loads(ds.attrs["model_family"]) == {"tencent": "hunyuan-dit"}
         assert json.loads(ds.attrs["diffusion_process"]) == {"tencent": "scaled_linear betas, v prediction"}
+
+
+def test_dit_g2_macs_by_hand_on_meta():
+    """DiT-g/2 at 1024 px (T = 4096 tokens, H = 1408, MLP 6144, 333 text tokens of 1024): each unit's
+    counted MACs equal a hand count; a fused block adds its Linear(2H -> H)."""
+    from diffusers import HunyuanDiT2DModel
+
+    from smoothness.cache import flops
+    with torch.device("meta"):
+        model = wrap(HunyuanDiT2DModel(num_attention_heads=16, attention_head_dim=88, in_channels=4, patch_size=2,
+                                       sample_size=128, hidden_size=1408, num_layers=40, mlp_ratio=4.3637))
+    T, H, M, L, C = 4096, 1408, 6144, 77 + 256, 1024
+    self_attn = 3 * T * H * H + 2 * T * T * H + T * H * H               # qkv, QK^T and AV, out
+    cross = T * H * H + 2 * L * C * H + 2 * T * L * H + T * H * H        # q, kv of the text, QK^T and AV, out
+    block = self_attn + cross + 2 * T * H * M + H * H                    # + MLP, + the shift modulation Linear
+    m = flops.measure(model)
+    assert m.units[0] == block == 171_635_785_728
+    assert m.units[21] == m.units[39] == block + T * 2 * H * H
+    assert m.branches[0] == self_attn + cross + 2 * T * H * M
+    speedup = flops.theoretical_speedup(model, CacheConfig.preset("hunyuan", interval=2), diffusers_chain())
+    assert speedup == pytest.approx(1.456, abs=1e-3)                    # 67 full, 33 cached of 100
