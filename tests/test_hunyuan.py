@@ -338,7 +338,7 @@ def test_sampling_uses_v_prediction_and_scaled_linear(tiny):
 
 
 # ------------------------------------------------------------------ the CLIs (done-when commands)
-def test_surface_and_cache_clis_on_both_layouts(saved, tmp_path):
+def test_surface_and_cache_clis_on_both_layouts(saved, tmp_path, capsys):
     import xarray as xr
 
     from smoothness.cache.cli import main as cache_main
@@ -361,8 +361,10 @@ def test_surface_and_cache_clis_on_both_layouts(saved, tmp_path):
         assert c.attrs["cfg_scale"] == 6.0                              # HunYuan-DiT's own guidance by default
     surface, psnr, speedup = results["diffusers"]
     assert np.nanmin(surface) < 1 and np.isfinite(psnr).any() and np.nanmax(speedup) > 1.2
+    capsys.readouterr()
     assert run_cli(surface_main, ["--ckpt", str(saved / "diffusers"), "--step", "50", "--num-steps", "100",
                                   "--out", str(tmp_path / "nocap")]) == 2
+    assert "diffusers is a text-to-image model: give one caption's embeddings" in capsys.readouterr().err
 
 
 def test_dynamics_spectral_and_correlation_on_hunyuan(tiny, saved):
