@@ -124,7 +124,8 @@ def provenance(entries) -> dict:
     return {"models": json.dumps({e.label: getattr(e, "source", "") for e in entries}),
             "model_sha256": json.dumps({e.label: getattr(e, "sha256", "") for e in entries}),
             "model_family": json.dumps({k: f.name for k, f in fam.items()}),
-            "diffusion_process": json.dumps({k: f"{f.schedule} betas, {f.prediction} prediction" for k, f in fam.items()}),
+            "diffusion_process": json.dumps({k: f"{f.schedule} betas, {f.prediction} prediction"
+                                             for k, f in fam.items()}),
             "versions": json.dumps(versions())}
 
 

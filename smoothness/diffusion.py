@@ -216,8 +216,9 @@ class Diffusion:
         out = model(x_t, t, y)
         c = x0.shape[1]
         per_sample = tuple(range(1, x0.dim()))                          # images (C, H, W), videos (C, F, H, W)
-        target = noise if self.prediction == "epsilon" else (
-            self._at(np.sqrt(self.alphas_cumprod), idx, x0) * noise - self._at(np.sqrt(1.0 - self.alphas_cumprod), idx, x0) * x0)
+        target = noise if self.prediction == "epsilon" else (          # v = sqrt(ab) eps - sqrt(1-ab) x0
+            self._at(np.sqrt(self.alphas_cumprod), idx, x0) * noise
+            - self._at(np.sqrt(1.0 - self.alphas_cumprod), idx, x0) * x0)
         mse = ((target - out[:, :c]) ** 2).mean(dim=per_sample)
         if out.shape[1] == c:
             return {"loss": mse, "mse": mse}

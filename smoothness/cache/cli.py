@@ -68,7 +68,8 @@ def _parser():
     a("--stop-rule", choices=["le", "lt"], default="le", help="reset after t <= STOP (le, DiT) or t < STOP "
       "(lt, Latte c2v) (default: le)")
     a("--preset", default=None, help="official settings: dit-c2i (k=4, 20-1000, le), latte-c2v (k=1, 50-900, lt), "
-      "latte-t2v (k=1, 50-700, le), hunyuan (k=1, 50-700, le) or N<interval>-<start>-<stop>, e.g. N2-700-50; replaces --k, --windows, "
+      "latte-t2v (k=1, 50-700, le), hunyuan (k=1, 50-700, le) or N<interval>-<start>-<stop>, e.g. N2-700-50; "
+      "replaces --k, --windows, "
       "--stop-rule (and --intervals for the N spelling) (default: none)")
     a("--num-sampling-steps", type=int, default=d.sampler.num_steps, help=f"(default: {d.sampler.num_steps})")
     a("--sampler", choices=list(SAMPLERS), default=d.sampler.sampler, help=f"(default: {d.sampler.sampler})")

@@ -12,6 +12,7 @@ from .protocol import FAMILIES, DiTModel, Family, family_of, register, wrap
 from .registry import LATTE_DATASETS, SIZES, build, config_for, make, model_names
 
 __all__ = ["Captions", "CheckpointError", "DiT", "DiTConfig", "DiTModel", "FAMILIES", "Family", "LATTE_DATASETS",
-           "Latte", "LatteConfig", "LatteT2V", "LatteT2VConfig", "ModelEntry", "SIZES", "Trunk", "as_entries", "build", "caption_attrs", "config_for",
+           "Latte", "LatteConfig", "LatteT2V", "LatteT2VConfig", "ModelEntry", "SIZES", "Trunk", "as_entries", "build",
+           "caption_attrs", "config_for",
            "family_of", "infer_config", "load_caption_embeds", "load_entries", "load_model", "make",
            "model_names", "read_state_dict", "register", "sha256", "wrap"]

@@ -90,7 +90,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("diffusers-latte", LatteAdapter, "text", diffusers_class="LatteTransformer3DModel", num_steps=50,
            cfg_scale=7.5, macs="measured"),
     Family("hunyuan-dit", HunyuanAdapter, "text", diffusers_class="HunyuanDiT2DModel", schedule="scaled_linear",
-           prediction="v", num_steps=100, cfg_scale=6.0, cache_preset="hunyuan", macs="measured", stored_sizes=("input_size",)),
+           prediction="v", num_steps=100, cfg_scale=6.0, cache_preset="hunyuan", macs="measured",
+           stored_sizes=("input_size",)),
 ]}
 DEFAULT = FAMILIES["dit"]
 DIFFUSERS_CLASSES = {f.diffusers_class: f for f in FAMILIES.values() if f.diffusers_class}
