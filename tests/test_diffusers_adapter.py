@@ -142,8 +142,13 @@ def test_folder_errors_are_one_clear_line(tmp_path):
     with pytest.raises(FolderError, match=rf"points at missing file\(s\): {shard.name}"):
         load_model(tmp_path / "m")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FolderError, match="has no config.json"):
+    with pytest.raises(FolderError, match="has no config.json$"):
         load_model(tmp_path / "empty")
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    (tmp_path / "m").rename(tmp_path / "pipe" / "transformer")
+    with pytest.raises(FolderError, match="it is a pipeline folder: pass its transformer"):
+        load_model(tmp_path / "pipe")
     (tmp_path / "empty" / "config.json").write_text(json.dumps({"_class_name": "DiTTransformer2DModel"}))
     with pytest.raises(FolderError, match="has no weights; allowed: diffusion_pytorch_model.safetensors"):
         load_model(tmp_path / "empty")

@@ -47,7 +47,10 @@ def weight_files(folder: Path) -> list[Path]:
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
-        raise FolderError(f"diffusers model folder {str(folder)!r} has no config.json")
+        hint = ""
+        if (folder / "model_index.json").is_file() and (folder / "transformer" / "config.json").is_file():
+            hint = f"; it is a pipeline folder: pass its transformer, {str(folder / 'transformer')!r}"
+        raise FolderError(f"diffusers model folder {str(folder)!r} has no config.json{hint}")
     try:
         config = json.loads(path.read_text())
     except ValueError as e:
