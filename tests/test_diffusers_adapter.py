@@ -315,3 +315,25 @@ def test_a_diffusers_layout_hunyuan_file_loads_too(tmp_path):
     y = pack_captions(caption_parts(1))
     with torch.no_grad():
         torch.testing.assert_close(model(X[:1], T[:1], y), wrap(inner)(X[:1], T[:1], y), rtol=0, atol=0)
+
+
+def test_analyses_on_class_and_caption_conditioned_adapters(tmp_path):
+    import numpy as np
+
+    from smoothness.analysis import correlate, dynamics, spectral
+    from smoothness.analysis.correlate import CorrelateConfig
+    from smoothness.diffusion import SamplerConfig
+    from smoothness.surface import SurfaceConfig
+    sampler = SamplerConfig(num_steps=4, sampler="ddim", cfg_scale=2.0)
+    model = wrap(dit(num_layers=4))
+    dyn = dynamics.compute({"dit": model}, dynamics.DynamicsConfig(sampler=sampler))
+    assert np.isfinite(dyn.change.values).all() and json.loads(dyn.attrs["model_family"]) == {"dit": "diffusers-dit"}
+    spec = spectral.compute({"dit": model}, spectral.SpectralConfig(steps=(2,), sampler=sampler, maps=("block", "unit"),
+                                                                    iterations=3))
+    assert np.isfinite(spec.sigma_unit.values).all()
+    torch.save(CAPS[0], tmp_path / "cap.pt")
+    surf = SurfaceConfig(steps=(2, 3), sampler=sampler, alpha="-0.2:0.2:3", beta="-0.2:0.2:3", seeds=(0,),
+                         caption_embeds=str(tmp_path / "cap.pt"))
+    ds = correlate.compute({"pixart": wrap(pixart(num_layers=4))},
+                           CorrelateConfig(surface=surf, k=1, window=1, n_resamples=10), log=None)
+    assert np.isfinite(ds.caching_error.values).all()

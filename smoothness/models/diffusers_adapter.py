@@ -201,25 +201,6 @@ class DiffusersAdapter(nn.Module):
         h = h.reshape(-1, gh, gw, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", h).reshape(-1, c, gh * p, gw * p)
 
-    # ----------------------------------------------------------- conditioning
-    def check_captions(self, y, batch: int | None = None):
-        """Text models: y is caption embeddings (N, L, caption_channels), float."""
-        width = self.config.caption_channels
-        name = self.config.class_name
-        if y is None or not torch.is_tensor(y) or not y.is_floating_point():
-            raise ValueError(f"{name} is text-conditioned: pass caption embeddings of shape (N, L, {width}) as a "
-                             f"float tensor; got {getattr(y, 'dtype', type(y).__name__)}")
-        if y.dim() != 3 or y.shape[-1] != width:
-            raise ValueError(f"caption embeddings have shape {tuple(y.shape)}; this model takes (N, L, {width})")
-        if batch is not None and y.shape[0] != batch:
-            raise ValueError(f"caption embeddings have {y.shape[0]} rows for a batch of {batch}")
-
-    def null_condition(self, y):
-        """Text models: zeros like the captions (the CFG unconditional input without a text encoder)."""
-        self.check_captions(y)
-        return torch.zeros_like(y)
-
-
 def check_image(x, config: AdapterConfig):
     if x.dim() != 4 or x.shape[1] != config.in_channels or x.shape[-1] % config.patch_size \
             or x.shape[-2] % config.patch_size:
@@ -289,6 +270,24 @@ class PixArtAdapter(DiffusersAdapter):
         return AdapterConfig(type(inner).__name__, c.sample_size, c.patch_size, c.in_channels, inner_dim, c.num_layers,
                              c.num_attention_heads, ff / inner_dim, inner.out_channels == 2 * c.in_channels,
                              caption_channels=c.caption_channels)
+
+    # ----------------------------------------------------------- conditioning
+    def check_captions(self, y, batch: int | None = None):
+        """Text models: y is caption embeddings (N, L, caption_channels), float."""
+        width = self.config.caption_channels
+        name = self.config.class_name
+        if y is None or not torch.is_tensor(y) or not y.is_floating_point():
+            raise ValueError(f"{name} is text-conditioned: pass caption embeddings of shape (N, L, {width}) as a "
+                             f"float tensor; got {getattr(y, 'dtype', type(y).__name__)}")
+        if y.dim() != 3 or y.shape[-1] != width:
+            raise ValueError(f"caption embeddings have shape {tuple(y.shape)}; this model takes (N, L, {width})")
+        if batch is not None and y.shape[0] != batch:
+            raise ValueError(f"caption embeddings have {y.shape[0]} rows for a batch of {batch}")
+
+    def null_condition(self, y):
+        """Text models: zeros like the captions (the CFG unconditional input without a text encoder)."""
+        self.check_captions(y)
+        return torch.zeros_like(y)
 
     def embed(self, x, t, y=None) -> AdapterTrunk:
         check_image(x, self.config)
