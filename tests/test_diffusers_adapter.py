@@ -337,3 +337,19 @@ def test_analyses_on_class_and_caption_conditioned_adapters(tmp_path):
     ds = correlate.compute({"pixart": wrap(pixart(num_layers=4))},
                            CorrelateConfig(surface=surf, k=1, window=1, n_resamples=10), log=None)
     assert np.isfinite(ds.caching_error.values).all()
+
+
+def test_clis_on_a_class_conditional_folder(tmp_path):
+    import xarray as xr
+
+    from smoothness.cache.cli import main as cache_main
+    from smoothness.cli import run_cli
+    from smoothness.surface.cli import main as surface_main
+    dit(num_layers=4).save_pretrained(str(tmp_path / "dit"), safe_serialization=True)
+    assert run_cli(surface_main, ["--ckpt", str(tmp_path / "dit"), "--steps", "2", "--num-steps", "3", "--class-label", "4",
+                                  "--grid=-0.1:0.1:3", "--out", str(tmp_path / "s")]) == 0
+    assert run_cli(cache_main, ["--ckpt", str(tmp_path / "dit"), "--num-sampling-steps", "6", "--intervals", "2",
+                                "--k", "1", "--classes", "1,2", "--per-class", "1", "--methods", "deep-reuse,delta,fora",
+                                "--out", str(tmp_path / "c"), "--name", "c"]) == 0
+    with xr.open_dataset(tmp_path / "c" / "c.nc", engine="h5netcdf") as ds:
+        assert float(ds.theoretical_speedup.max()) > 1.2 and ds.attrs["cfg_scale"] == 3.0
