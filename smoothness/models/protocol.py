@@ -31,7 +31,13 @@ from .latte_t2v import LatteT2V, LatteT2VConfig
 
 @runtime_checkable
 class DiTModel(Protocol):
-    """What the tools call. Text-conditioned models also have ``check_captions(y, batch=None)``."""
+    """What the tools call (and nothing else), besides ``nn.Module``'s own API.
+
+    Optional members, used when present: ``check_captions(y, batch=None)`` marks a caption-conditioned
+    model (y is a float tensor (N, L, C)); ``block_branches(i)`` names block i's branch submodules for
+    FORA and measured MACs (else ``blocks[i].branches``); ``grouped_forward(module)`` gives the surface
+    engine a per-group forward for a module that uses its own parameters directly (diffusers adapters);
+    ``set_negative_embeds`` (LatteT2V, the sample CLI)."""
 
     family: str                                # a key of FAMILIES
     config: Any                                # sizes: input_size, patch_size, in_channels, out_channels,
@@ -48,7 +54,6 @@ class DiTModel(Protocol):
 
     def unit_blocks(self, u: int) -> list[int]: ...      # indices into blocks that make up unit u
     def block_kind(self, i: int) -> str: ...             # "block", or "spatial" / "temporal"
-    def block_path(self, i: int) -> str: ...             # module path of site blocks.{i}
     def sites(self) -> dict[str, str]: ...               # published hook sites: name -> module path
     def sample_shape(self) -> tuple[int, ...]: ...       # one sample without the batch dim
     def null_condition(self, y): ...                     # the CFG unconditional input like y
