@@ -420,3 +420,18 @@ def test_dit_g2_macs_by_hand_on_meta():
     assert m.branches[0] == self_attn + cross + 2 * T * H * M
     speedup = flops.theoretical_speedup(model, CacheConfig.preset("hunyuan", interval=2), diffusers_chain())
     assert speedup == pytest.approx(1.456, abs=1e-3)                    # 67 full, 33 cached of 100
+
+
+def test_sample_cli_with_a_negative_caption(saved, tmp_path):
+    from smoothness.data import sample
+    neg = {k: v[0] for k, v in caption_parts(1, seed=9).items()}
+    torch.save(neg, tmp_path / "neg.pt")
+    argv = ["--ckpt", str(saved / "tencent.pt"), "--caption-embeds", str(saved / "caption.pt"), "--sampler", "ddim",
+            "--num-sampling-steps", "3", "--per-class", "1", "--out", str(tmp_path)]
+    assert run_cli(sample.main, argv + ["--negative-embeds", str(tmp_path / "neg.pt")]) == 0
+    assert torch.load(tmp_path / "samples_tencent.pt").shape == (1, 4, 8, 8)
+    model = wrap(hunyuan())
+    y = pack_captions(caption_parts(2))
+    assert (model.null_condition(y) == 0).all()                         # default: every token masked
+    model.set_negative_embeds(load_caption_embeds(tmp_path / "neg.pt"))
+    torch.testing.assert_close(model.null_condition(y), pack_captions(caption_parts(1, seed=9)).expand(2, -1, -1))

@@ -19,8 +19,9 @@ CLIP states, ``prompt_attention_mask`` (77,), ``prompt_embeds_2`` (256, 2048) mT
 itself (its ``pooler``), so no pooled vector is read. The tools carry a condition as one tensor, so
 ``pack_captions`` lays them out as y (N, 77+256, W+1), W = max(1024, 2048): rows 0..76 hold CLIP in
 channels 0..1023, rows 77..332 hold mT5 in 0..2047, and the last channel is the attention mask.
-The CFG unconditional input (``null_condition``) is all-masked captions (zeros), which the model
-replaces by its learned ``text_embedding_padding``; no text encoder is bundled.
+The CFG unconditional input (``null_condition``) is the negative prompt's caption file given to
+``set_negative_embeds``, else all-masked captions (zeros), which the model replaces by its learned
+``text_embedding_padding``; no text encoder is bundled.
 
 Positions are 2-D RoPE computed as ``HunyuanDiTPipeline`` does (base grid 512 px / 8 / patch); models
 with ``use_style_cond_and_image_meta_size`` (v1.0-1.1) get style 0 and image meta size
@@ -32,7 +33,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .diffusers_adapter import AdapterConfig, AdapterTrunk, DiffusersAdapter, check_image, import_diffusers
+from .diffusers_adapter import (AdapterConfig, AdapterTrunk, DiffusersAdapter, TextConditioned, check_image,
+                                import_diffusers)
 
 CAPTION_KEYS = ("prompt_embeds", "prompt_attention_mask", "prompt_embeds_2", "prompt_attention_mask_2")
 
@@ -157,7 +159,7 @@ def build(kwargs: dict, device="cpu") -> nn.Module:
 
 
 # --------------------------------------------------------------------------- the adapter
-class HunyuanAdapter(DiffusersAdapter):
+class HunyuanAdapter(TextConditioned, DiffusersAdapter):
     """``HunyuanDiT2DModel``: 1 unit = 1 block; native long skips (see the module doc)."""
 
     family = "hunyuan-dit"
@@ -192,11 +194,6 @@ class HunyuanAdapter(DiffusersAdapter):
                              f"packed to (N, {want[0]}, {want[1]}); got {got}")
         if batch is not None and y.shape[0] != batch:
             raise ValueError(f"caption embeddings have {y.shape[0]} rows for a batch of {batch}")
-
-    def null_condition(self, y):
-        """All-masked captions: the model substitutes its learned padding for every text token."""
-        self.check_captions(y)
-        return torch.zeros_like(y)
 
     def _extras(self, x, n: int):
         """RoPE (cos, sin) for the latent grid, and style / image meta size where the model takes them."""
