@@ -45,12 +45,12 @@ def tiny():
     return hunyuan()
 
 
-@pytest.mark.parametrize("style", [True, False])
-def test_adapter_forward_equals_the_class_forward(style):
+@pytest.mark.parametrize("style,size", [(True, (8, 8)), (False, (8, 8)), (True, (8, 12)), (False, (12, 4))])
+def test_adapter_forward_equals_the_class_forward(style, size):
     inner = hunyuan(seed=3, use_style_cond_and_image_meta_size=style)
     model = wrap(inner)
     g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([700, 700])
+    x, t = torch.randn(2, 4, *size, generator=g), torch.tensor([700, 700])
     parts = caption_parts(2)
     with torch.no_grad():
         ref = class_forward(inner, x, t, parts)
