@@ -55,3 +55,14 @@ def test_readme_example_runs():
         assert torch.isfinite(out).all()
     finally:
         FAMILIES.pop("tiny-dit", None)
+
+
+def test_family_rows_agree_with_their_classes():
+    from smoothness.cache.schedule import PRESETS
+    from smoothness.diffusion import PREDICTIONS, SCHEDULES
+    for name, fam in FAMILIES.items():
+        assert fam.name == name and fam.model_class.family == name
+        assert fam.condition == ("text" if hasattr(fam.model_class, "check_captions") else "class"), name
+        assert fam.schedule in SCHEDULES and fam.prediction in PREDICTIONS and fam.macs in ("analytic", "measured")
+        assert fam.cache_preset in ("", *PRESETS), name
+        assert (fam.config_class is None) == bool(fam.diffusers_class), name
