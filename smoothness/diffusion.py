@@ -47,7 +47,14 @@ SCHEDULES = {"linear": linear_betas, "scaled_linear": scaled_linear_betas}
 
 
 def space_timesteps(num_steps: int, spacing: str) -> list[int]:
-    """improved-diffusion's ``space_timesteps``: ``"250"`` (even strides, rounded) or ``"ddim50"``."""
+    """improved-diffusion's ``space_timesteps``: ``"250"`` (even strides, rounded) or ``"ddim50"``;
+    ``"leading100"``: diffusers' "leading" spacing with ``steps_offset=1``, the chain HunYuan-DiT's
+    official sampler visits (t = 991, 981, ..., 1 for 100 steps)."""
+    if spacing.startswith("leading"):
+        want = int(spacing[len("leading"):])
+        if not 1 <= want <= num_steps:
+            raise ValueError(f"{spacing!r}: use 1..{num_steps} steps")
+        return [i * (num_steps // want) + 1 for i in range(want) if i * (num_steps // want) + 1 < num_steps]
     if spacing.startswith("ddim"):
         want = int(spacing[len("ddim"):])
         for stride in range(1, num_steps):

@@ -122,3 +122,11 @@ def test_unknown_process_names_are_errors():
         Diffusion(prediction="x0")
     with pytest.raises(ValueError, match="unknown beta schedule 'cosine'; allowed: linear, scaled_linear"):
         Diffusion(schedule="cosine")
+
+
+@pytest.mark.parametrize("steps", [10, 50, 100, 250])
+def test_leading_spacing_is_diffusers_leading_with_offset_one(steps):
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDPMScheduler(steps_offset=1, **HUNYUAN)
+    sched.set_timesteps(steps)
+    assert Diffusion(space_timesteps(1000, f"leading{steps}")).chain == [int(t) for t in sched.timesteps]

@@ -15,7 +15,7 @@ from smoothness import hooks  # noqa: E402
 from smoothness.cache import CacheConfig, apply_cache  # noqa: E402
 from smoothness.cache.schedule import Schedule  # noqa: E402
 from smoothness.cli import run_cli  # noqa: E402
-from smoothness.diffusion import Diffusion, SamplerConfig  # noqa: E402
+from smoothness.diffusion import Diffusion, SamplerConfig, space_timesteps  # noqa: E402
 from smoothness.models import load_model  # noqa: E402
 from smoothness.models.captions import load_caption_embeds  # noqa: E402
 from smoothness.models.hunyuan import crop_region, infer_kwargs, pack_captions, to_diffusers  # noqa: E402
@@ -271,6 +271,7 @@ def diffusers_chain(steps=100):
 def test_preset_reproduces_the_official_rule_on_the_100_step_chain(cache_step):
     cfg = CacheConfig.preset("hunyuan", interval=cache_step)
     assert (cfg.method, cfg.k, cfg.t_start, cfg.t_stop, cfg.stop_inclusive) == ("skip-cache", 1, 700, 50, True)
+    assert Diffusion(space_timesteps(1000, "leading100")).chain == diffusers_chain()
     for chain in (diffusers_chain(), Diffusion.respaced(100).chain):    # HunYuan's 991..1 and the even 999..0
         assert cfg.schedule(chain) == Schedule(tuple(official_rule(chain, cache_step)), tuple(chain))
     want = official_rule(diffusers_chain(), cache_step)
