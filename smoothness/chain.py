@@ -17,10 +17,11 @@ import torch
 from .diffusion import Diffusion, SamplerConfig, Step
 from .io_utils import versions
 from .models import Captions, ModelEntry, as_entries, caption_attrs
+from .models.protocol import family_of
 
 __all__ = ["Captions", "ModelEntry", "as_entries", "at_steps", "caption_attrs", "check_captions_for", "check_seeds",
-           "check_steps", "config_json", "embeds", "finite", "is_text", "labels", "model_device_dtype", "num_classes", "provenance",
-           "reference_chain", "sampler_attrs", "tile"]
+           "check_steps", "config_json", "embeds", "finite", "is_text", "labels", "model_device_dtype", "num_classes",
+           "provenance", "reference_chain", "sampler_attrs", "text_kind", "tile"]
 
 
 def num_classes(model) -> int:
@@ -30,6 +31,11 @@ def num_classes(model) -> int:
 def is_text(model) -> bool:
     """A text-conditioned model (LatteT2V): its condition is caption embeddings (N, L, C)."""
     return hasattr(model, "check_captions")
+
+
+def text_kind(model) -> str:
+    """"text-to-video" or "text-to-image", by the model's sample shape, for messages."""
+    return "text-to-video" if len(model.sample_shape()) == 4 else "text-to-image"
 
 
 def embeds(captions: Captions | torch.Tensor | None) -> torch.Tensor | None:
@@ -45,7 +51,7 @@ def labels(model, class_label: int, n: int = 1, device=None, who: str = "this mo
     captions = embeds(captions)
     if is_text(model):
         if captions is None:
-            raise ValueError(f"{who} is a text-to-video model: give one caption's embeddings "
+            raise ValueError(f"{who} is a {text_kind(model)} model: give one caption's embeddings "
                              "(a tensor (L, C) or (1, L, C); the surface CLI takes --caption-embeds FILE)")
         if captions.dim() != 3 or captions.shape[0] != 1:
             raise ValueError(f"caption embeddings of shape {tuple(captions.shape)} hold "
@@ -72,7 +78,7 @@ def check_captions_for(model, captions: Captions | torch.Tensor | None, who: str
     """A CLI's caption file goes with text-to-video models, and only with them; its shape must fit."""
     captions = embeds(captions)
     if is_text(model) != (captions is not None):
-        raise ValueError(f"{who} is a text-to-video model: pass --caption-embeds" if captions is None else
+        raise ValueError(f"{who} is a {text_kind(model)} model: pass --caption-embeds" if captions is None else
                          f"--caption-embeds is for text-to-video checkpoints; {who} is not one")
     if captions is not None:
         model.check_captions(captions)
@@ -112,9 +118,14 @@ def check_seeds(seeds):
 
 
 def provenance(entries) -> dict:
-    """attrs naming every model's source and checksum (JSON strings, netCDF-safe)."""
+    """attrs naming every model's source, checksum and family with its training process (beta
+    schedule, prediction) the chains were sampled with (JSON strings, netCDF-safe)."""
+    fam = {e.label: family_of(e.model) for e in entries}
     return {"models": json.dumps({e.label: getattr(e, "source", "") for e in entries}),
             "model_sha256": json.dumps({e.label: getattr(e, "sha256", "") for e in entries}),
+            "model_family": json.dumps({k: f.name for k, f in fam.items()}),
+            "diffusion_process": json.dumps({k: f"{f.schedule} betas, {f.prediction} prediction"
+                                             for k, f in fam.items()}),
             "versions": json.dumps(versions())}
 
 

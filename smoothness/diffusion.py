@@ -1,4 +1,5 @@
-"""Gaussian diffusion as in DiT / improved-diffusion: linear betas, respacing, learned-range variance.
+"""Gaussian diffusion as in DiT / improved-diffusion: linear betas, respacing, learned-range variance;
+plus the text-to-image process of HunYuan-DiT (``scaled_linear`` betas 0.00085 .. 0.02, v-prediction).
 
 The sampler is a generator that yields a ``Step`` record at every iteration, so analysis and caching
 can attach at any step:
@@ -9,6 +10,10 @@ can attach at any step:
 
 Words: "timestep" t is on the 1000-step training scale (0 = clean); "step" is the sampler iteration,
 1 .. num_steps. DDPM-250 visits t = 999, 995, ..., 4, 0; DDIM-50 visits t = 980, 960, ..., 0.
+
+The training process (beta schedule and what the model predicts) belongs to the model, not to the
+sampler: ``sample_steps`` takes it from the model's family (``models.protocol``), so a v-prediction
+model is sampled as one whatever ``Diffusion`` it is handed; the sampler config picks the steps.
 """
 from __future__ import annotations
 
@@ -20,9 +25,11 @@ import numpy as np
 import torch
 
 from . import hooks
+from .models.protocol import family_of
 
 TRAIN_STEPS = 1000
 SAMPLERS = ("ddpm", "ddim")
+PREDICTIONS = ("epsilon", "v")     # what the model's first C output channels are
 
 
 def linear_betas(num_steps: int = TRAIN_STEPS) -> np.ndarray:
@@ -31,8 +38,23 @@ def linear_betas(num_steps: int = TRAIN_STEPS) -> np.ndarray:
     return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
 
 
+def scaled_linear_betas(num_steps: int = TRAIN_STEPS, start: float = 0.00085, end: float = 0.02) -> np.ndarray:
+    """diffusers' ``scaled_linear`` (Stable Diffusion, HunYuan-DiT): linear in sqrt(beta), squared."""
+    return np.linspace(start ** 0.5, end ** 0.5, num_steps, dtype=np.float64) ** 2
+
+
+SCHEDULES = {"linear": linear_betas, "scaled_linear": scaled_linear_betas}
+
+
 def space_timesteps(num_steps: int, spacing: str) -> list[int]:
-    """improved-diffusion's ``space_timesteps``: ``"250"`` (even strides, rounded) or ``"ddim50"``."""
+    """improved-diffusion's ``space_timesteps``: ``"250"`` (even strides, rounded) or ``"ddim50"``;
+    ``"leading100"``: diffusers' "leading" spacing with ``steps_offset=1``, the chain HunYuan-DiT's
+    official sampler visits (t = 991, 981, ..., 1 for 100 steps)."""
+    if spacing.startswith("leading"):
+        want = int(spacing[len("leading"):])
+        if not 1 <= want <= num_steps:
+            raise ValueError(f"{spacing!r}: use 1..{num_steps} steps")
+        return [i * (num_steps // want) + 1 for i in range(want) if i * (num_steps // want) + 1 < num_steps]
     if spacing.startswith("ddim"):
         want = int(spacing[len("ddim"):])
         for stride in range(1, num_steps):
@@ -100,8 +122,16 @@ class Step:
 class Diffusion:
     """A (possibly respaced) diffusion process over a subset of the 1000 training timesteps."""
 
-    def __init__(self, timesteps: list[int] | None = None, base_betas: np.ndarray | None = None):
-        base = linear_betas() if base_betas is None else base_betas
+    def __init__(self, timesteps: list[int] | None = None, base_betas: np.ndarray | None = None,
+                 prediction: str = "epsilon", schedule: str = "linear"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown beta schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        self.prediction, self.schedule = prediction, schedule
+        base = SCHEDULES[schedule]() if base_betas is None else base_betas
+        # A default process (linear, epsilon, no own betas) defers to the model's family in sample_steps.
+        self._default = base_betas is None and (prediction, schedule) == ("epsilon", "linear")
         base_ac = np.cumprod(1.0 - base)
         self.timestep_map = np.array(sorted(timesteps) if timesteps is not None else range(len(base)))
         last, betas = 1.0, []
@@ -123,8 +153,18 @@ class Diffusion:
         return cls(space_timesteps(TRAIN_STEPS, spacing))
 
     @classmethod
-    def for_config(cls, config: SamplerConfig) -> "Diffusion":
-        return cls(space_timesteps(TRAIN_STEPS, config.spacing))
+    def for_config(cls, config: SamplerConfig, model=None) -> "Diffusion":
+        """The chain ``config`` asks for; the process (schedule, prediction) of ``model``'s family."""
+        d = cls(space_timesteps(TRAIN_STEPS, config.spacing))
+        return d if model is None else d.for_model(model)
+
+    def for_model(self, model) -> "Diffusion":
+        """This chain under the process ``model`` was trained with (itself when they agree, or when
+        this diffusion was built with an explicit schedule, prediction or betas)."""
+        fam = family_of(model)
+        if not self._default or (fam.schedule, fam.prediction) == (self.schedule, self.prediction):
+            return self
+        return Diffusion(list(self.timestep_map), prediction=fam.prediction, schedule=fam.schedule)
 
     # ------------------------------------------------------------ addressing
     @property
@@ -152,7 +192,7 @@ class Diffusion:
         return mean, self._at(self.posterior_log_variance_clipped, idx, x_t)
 
     def p_mean_variance(self, output, x_t, idx, clip_denoised: bool):
-        """Split [eps, v] and return (mean, log variance, predicted x0)."""
+        """Split [eps (or v-prediction), variance] and return (mean, log variance, predicted x0)."""
         c = x_t.shape[1]
         if output.shape[1] == 2 * c:
             eps, v = output[:, :c], output[:, c:]
@@ -164,8 +204,12 @@ class Diffusion:
             eps = output
             # Fixed "large" variance, as improved-diffusion for models without learned sigma.
             log_var = self._at(np.log(np.append(self.posterior_variance[1], self.betas[1:])), idx, x_t)
-        x0 = (self._at(np.sqrt(1.0 / self.alphas_cumprod), idx, x_t) * x_t
-              - self._at(np.sqrt(1.0 / self.alphas_cumprod - 1), idx, x_t) * eps)
+        if self.prediction == "v":                                       # v = sqrt(ab) eps - sqrt(1-ab) x0
+            x0 = (self._at(np.sqrt(self.alphas_cumprod), idx, x_t) * x_t
+                  - self._at(np.sqrt(1.0 - self.alphas_cumprod), idx, x_t) * eps)
+        else:
+            x0 = (self._at(np.sqrt(1.0 / self.alphas_cumprod), idx, x_t) * x_t
+                  - self._at(np.sqrt(1.0 / self.alphas_cumprod - 1), idx, x_t) * eps)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean, _ = self.q_posterior(x0, x_t, idx)
@@ -179,7 +223,10 @@ class Diffusion:
         out = model(x_t, t, y)
         c = x0.shape[1]
         per_sample = tuple(range(1, x0.dim()))                          # images (C, H, W), videos (C, F, H, W)
-        mse = ((noise - out[:, :c]) ** 2).mean(dim=per_sample)
+        target = noise if self.prediction == "epsilon" else (          # v = sqrt(ab) eps - sqrt(1-ab) x0
+            self._at(np.sqrt(self.alphas_cumprod), idx, x0) * noise
+            - self._at(np.sqrt(1.0 - self.alphas_cumprod), idx, x0) * x0)
+        mse = ((target - out[:, :c]) ** 2).mean(dim=per_sample)
         if out.shape[1] == c:
             return {"loss": mse, "mse": mse}
         frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1)
@@ -212,6 +259,10 @@ class Diffusion:
         perturbed copies of one chain side by side)."""
         if self.num_timesteps != config.num_steps:
             raise ValueError(f"this diffusion has {self.num_timesteps} steps but the config asks for {config.num_steps}")
+        if self.for_model(model) is not self:
+            yield from self.for_model(model).sample_steps(model, shape, y, config, seed=seed, generator=generator,
+                                                          x_T=x_T, device=device, dtype=dtype, groups=groups)
+            return
         device = device or next(model.parameters()).device
         g = generator or torch.Generator().manual_seed(int(seed or 0))
         if shape[0] % groups:

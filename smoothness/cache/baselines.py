@@ -66,7 +66,9 @@ class Fora(Method):
     def overrides(self, model, state: CacheState) -> dict:
         swaps = {}
         for i, block in enumerate(model.blocks):
-            for part in block.branches:                          # DiT: attn, mlp; T2V: attn1, attn2, ff
+            # DiT: attn, mlp; T2V: attn1, attn2, ff; diffusers adapters name theirs in block_branches(i)
+            parts = model.block_branches(i) if hasattr(model, "block_branches") else block.branches
+            for part in parts:
                 module = getattr(block, part)
                 if module is not None:
                     swaps[module] = self._reuse(state, module, (i, part))

@@ -28,15 +28,9 @@ from .. import chain
 from ..chain import config_json
 from ..cli import add_model_args, parse_int_list
 from ..diffusion import SAMPLERS, SamplerConfig
-from ..io_utils import (
-    atomic_path,
-    check_writable,
-    fingerprint,
-    guard_results,
-    remove_stale_temporaries,
-    run_name,
-)
-from ..models import Captions, bundled, sha256
+from ..io_utils import (atomic_path, check_writable, fingerprint, guard_results, remove_stale_temporaries,
+                        run_name)
+from ..models import Captions, bundled, family_of, sha256
 from ..plots.cache import figure, figure_plotly
 from .base import CacheConfig
 from .schedule import preset
@@ -76,12 +70,14 @@ def _parser():
     a("--stop-rule", choices=["le", "lt"], default="le", help="reset after t <= STOP (le, DiT) or t < STOP "
       "(lt, Latte c2v) (default: le)")
     a("--preset", default=None, help="official settings: dit-c2i (k=4, 20-1000, le), latte-c2v (k=1, 50-900, lt), "
-      "latte-t2v (k=1, 50-700, le) or N<interval>-<start>-<stop>, e.g. N2-700-50; replaces --k, --windows, "
+      "latte-t2v (k=1, 50-700, le), hunyuan (k=1, 50-700, le) or N<interval>-<start>-<stop>, e.g. N2-700-50; "
+      "replaces --k, --windows, "
       "--stop-rule (and --intervals for the N spelling) (default: none)")
     a("--num-sampling-steps", type=int, default=d.sampler.num_steps, help=f"(default: {d.sampler.num_steps})")
     a("--sampler", choices=list(SAMPLERS), default=d.sampler.sampler, help=f"(default: {d.sampler.sampler})")
     a("--cfg-scale", type=float, default=None, help="guidance >= 1 (default: 3.0, the digits setting, for "
-      "class-conditional models; 7.5, the Latte pipeline's, for text-to-video; 1 for unconditional ones)")
+      "class-conditional models; for caption-conditioned ones their authors' (Latte 7.5, HunYuan-DiT 6); 1 for "
+      "unconditional ones)")
     a("--seed", default="0", help="seeds, comma-separated (default: 0)")
     a("--classes", default=None, help="class labels (default: 0..9; not allowed for unconditional models)")
     a("--per-class", type=int, default=d.per_class, help="samples per class; unconditional models draw 10 x this "
@@ -149,7 +145,9 @@ def _sampler(args, models: dict, captions) -> SamplerConfig:
     conditional = {bool(m.config.num_classes) for m in models.values()}
     if len(conditional) > 1:
         raise ValueError("mixing class-conditional and unconditional models in one sweep is not supported")
-    default_cfg = 7.5 if captions is not None else 3.0 if conditional == {True} else 1.0
+    text_cfg = {family_of(m).cfg_scale for m in models.values()}        # its authors' guidance (HunYuan-DiT: 6)
+    default_cfg = (text_cfg.pop() if len(text_cfg) == 1 else 7.5) if captions is not None else \
+        3.0 if conditional == {True} else 1.0
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else default_cfg
     pixel = [bundled.is_pixel(m) for m in models.values()]
     if any(pixel) and not all(pixel):

@@ -17,14 +17,25 @@ for every frame (the caption is repeated per frame, as in diffusers' Latte), and
 through ``caption_projection`` once per sample. L is the caption length the model is called with
 (the Latte pipeline pads T5 outputs to 120); the token count is the config's input size.
 
+Families whose table row says ``macs="measured"`` (the diffusers adapters, HunYuan-DiT) are counted
+by running each stage once on one zero sample under ``FlopCounterMode`` (every matmul, conv and
+attention the class really runs, CPU attention included), per unit and per FORA branch, so a cache
+schedule's cost follows from which units a call runs.
+
 For DiT-XL/2 at 256 px this gives 118.6 GMACs for the vanilla forward, the "118.6 Gflops" of the DiT
 paper (which counts MACs), and 2 * 256 * 1152^2 = 0.68 GMACs per Skip-DiT fusion.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
+import torch
 import xarray as xr
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .. import hooks
+from ..models.protocol import family_of
 
 FREQ_SIZE = 256       # sinusoidal timestep features fed to the timestep MLP (DiT)
 CAPTION_TOKENS = 120  # text-to-video caption length L unless told: the Latte pipeline pads T5 outputs to 120
@@ -51,6 +62,9 @@ class Shape:
     def of(cls, model_or_config, caption_tokens: int | None = None) -> "Shape":
         """``caption_tokens``: L of the captions a text-to-video model is called with (default 120)."""
         c = getattr(model_or_config, "config", model_or_config)
+        if getattr(c, "class_name", "") or family_of(model_or_config).macs == "measured":
+            raise ValueError(f"{getattr(c, 'class_name', type(model_or_config).__name__)} has no analytic MAC formula; "
+                             "its MACs are counted with flops.measure(model)")
         frames = int(getattr(c, "num_frames", 0) or 0)
         units = c.depth // 2 if frames else c.depth
         text = int(getattr(c, "caption_channels", 0) or 0)
@@ -148,14 +162,106 @@ def call_macs(shape: Shape, method: str = "none", k: int = 0, full: bool = True)
     raise ValueError(f"unknown method {method!r}; allowed: skip-cache, deep-reuse, delta, fora, none")
 
 
+# ------------------------------------------------------------------ measured
+def _cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)          # FLOPs of QK^T and AV, as torch counts the GPU kernels
+
+
+def _counter() -> FlopCounterMode:
+    """FlopCounterMode that also counts CPU scaled-dot-product attention (torch leaves it out)."""
+    return FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa})
+
+
+@dataclass(frozen=True)
+class Measured:
+    """MACs per sample of one call's stages: embeddings and head (``always``), each unit, and each
+    unit's branch modules (what FORA reuses)."""
+
+    always: int
+    units: tuple[int, ...]
+    branches: tuple[int, ...]
+
+    def call(self, method: str = "none", k: int = 0, full: bool = True) -> int:
+        U, run = len(self.units), lambda us: sum(self.units[u] for u in us)
+        if full or method == "none":
+            return self.always + run(range(U))
+        if method in ("skip-cache", "delta"):
+            return self.always + run(list(range(k)) + list(range(U - k, U)))
+        if method == "deep-reuse":
+            return self.always + run(range(U - k, U))
+        if method == "fora":
+            return self.always + run(range(U)) - sum(self.branches)
+        raise ValueError(f"unknown method {method!r}; allowed: skip-cache, deep-reuse, delta, fora, none")
+
+
+_MEASURED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {caption_tokens: Measured}
+
+
+def measure(model, caption_tokens: int | None = None) -> Measured:
+    """Count one call of ``model`` at batch 1 (zeros; captions of ``caption_tokens`` tokens, default
+    the model's fixed length or 120) stage by stage. FLOPs / 2 = MACs. Counted once per model."""
+    done = _MEASURED.setdefault(model, {})
+    if caption_tokens not in done:
+        done[caption_tokens] = _measure(model, caption_tokens)
+    return done[caption_tokens]
+
+
+def _measure(model, caption_tokens: int | None) -> Measured:
+    c = model.config
+    p = next(model.parameters())
+    x = torch.zeros(1, *model.sample_shape(), device=p.device, dtype=p.dtype)
+    t = torch.full((1,), 500, device=x.device)
+    if c.caption_channels:
+        y = torch.zeros(1, c.caption_tokens or caption_tokens or CAPTION_TOKENS, c.caption_channels, device=x.device,
+                        dtype=p.dtype)
+    else:
+        y = torch.zeros(1, dtype=torch.long, device=x.device) if c.num_classes else None
+    branch_flops = [0] * model.num_units
+    unit_of = {i: u for u in range(model.num_units) for i in model.unit_blocks(u)}
+
+    def timed(module, u):
+        def forward(*args, **kwargs):
+            start = fc.get_total_flops()
+            out = type(module).forward(module, *args, **kwargs)
+            branch_flops[u] += fc.get_total_flops() - start
+            return out
+        return forward
+    parts = {getattr(model.blocks[i], b): unit_of[i] for i in unit_of for b in model.block_branches(i)}
+    units = []
+    with torch.no_grad(), _counter() as fc, hooks.override({m: timed(m, u) for m, u in parts.items()}):
+        trunk = model.embed(x, t, y)
+        for u in range(model.num_units):
+            before = fc.get_total_flops()
+            model.run_unit(u, trunk)
+            units.append((fc.get_total_flops() - before) // 2)
+        before = fc.get_total_flops()
+        model.head(trunk)
+        total = fc.get_total_flops()
+    always = (total - sum(units) * 2) // 2
+    return Measured(always, tuple(units), tuple(b // 2 for b in branch_flops))
+
+
+def _per_call(model_or_config, caption_tokens):
+    """(method, k, full) -> MACs per sample, analytic or measured by the model's family."""
+    if getattr(model_or_config, "family", None) and family_of(model_or_config).macs == "measured":
+        m = measure(model_or_config, caption_tokens)
+        return m.call
+    if not hasattr(model_or_config, "family") and getattr(model_or_config, "class_name", ""):
+        raise ValueError(f"MACs of {model_or_config.class_name} are measured on the model; pass the model, "
+                         "not its config")
+    shape = Shape.of(model_or_config, caption_tokens)
+    return lambda method="none", k=0, full=True: call_macs(shape, method, k, full)
+
+
 def schedule_cost(model_or_config, config, timesteps, batch: int = 1, caption_tokens: int | None = None) -> xr.Dataset:
     """Per-step MACs of ``config`` (a ``CacheConfig``) over a chain, and its theoretical speedup
     against the same model uncached. ``batch`` counts rows per call (CFG doubles it);
     ``caption_tokens`` is L for text-to-video models (default 120)."""
-    shape = Shape.of(model_or_config, caption_tokens)
+    cost = _per_call(model_or_config, caption_tokens)
     sched = config.schedule(timesteps)
-    per_step = [batch * call_macs(shape, config.method, config.k, f) for f in sched.full]
-    base = batch * call_macs(shape)
+    per_step = [batch * cost(config.method, config.k, f) for f in sched.full]
+    base = batch * cost()
     total = sum(per_step)
     ds = xr.Dataset(
         {"macs": ("step", per_step, {"long_name": "multiply-accumulates of the model call", "units": "MAC"}),

@@ -23,7 +23,15 @@ preset          k    t_start    t_stop    stop    official code
 ``dit-c2i``     4    1000       20        ``<=``  class-to-image/models.py ``DiT_cache`` (1000 = never)
 ``latte-c2v``   1    900        50        ``<``   class-to-video ``Latte_skip_cache`` (1 = one pair)
 ``N2-700-50``   1    700        50        ``<=``  text-to-video ``--cache N{N}-{start}-{stop}``
+``hunyuan``     1    700        50        ``<=``  text-to-image hydit/modules/models_cache.py
+                                                  ``HunYuanDiT_cache`` (cache_step = N, cache_at_branch = k)
 =============  ===  =========  ========  ======  =====================================================
+
+``hunyuan``: a full call when ``cache_cont % cache_step == 0`` or ``t >= 700``; a cached call runs
+blocks 0..k-1 and D-k..D-1, block D-k taking the input cached at the last full call (before its
+fusion) and fusing the fresh skip; ``cache_cont`` resets and the cache empties after a call with
+``t <= 50``. HunYuan-DiT's native skips pair block i with D-1-i, so Skip-Cache needs no Skip-DiT
+fusions there.
 
 The ``<`` / ``<=`` difference at the stop is the official code's own inconsistency, kept per preset.
 """
@@ -203,6 +211,7 @@ PRESETS = {
     "dit-c2i": (4, dict(t_start=1000, t_stop=20, stop_inclusive=True)),
     "latte-c2v": (1, dict(t_start=900, t_stop=50, stop_inclusive=False)),
     "latte-t2v": (1, dict(t_start=700, t_stop=50, stop_inclusive=True)),
+    "hunyuan": (1, dict(t_start=700, t_stop=50, stop_inclusive=True)),
 }
 
 

@@ -13,6 +13,7 @@ branches is left empty (NaN): use deep-reuse there.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from ..diffusion import Diffusion, SamplerConfig
 from ..io_utils import versions
 from ..models import Captions
 from ..models.bundled import is_pixel_digits
+from ..models.protocol import family_of
 from . import flops
 from .base import METHODS, CacheConfig
 from .skip_cache import apply_cache
@@ -144,6 +146,10 @@ class _Results:
         self.cos = np.full(size + [cfg.sampler.num_steps], np.nan)
         self.ref = {v: np.full((len(models), len(cfg.seeds)), np.nan) for v in ("accuracy", "frechet", "seconds")}
         self.masks = np.full(size, "", dtype=object)
+        fam = {label: family_of(m) for label, m in models.items()}
+        self.process = {"model_family": json.dumps({k: f.name for k, f in fam.items()}),
+                        "diffusion_process": json.dumps({k: f"{f.schedule} betas, {f.prediction} prediction"
+                                                         for k, f in fam.items()})}
 
     def copy(self, at, source):
         for v in self.data:
@@ -167,7 +173,7 @@ class _Results:
                         clip_denoised=int(sampler.clip_denoised), classes=list(cfg.classes), per_class=cfg.per_class,
                         seeds=list(cfg.seeds), stop_inclusive=int(cfg.stop_inclusive), data_range=2.0,
                         skipped_metrics="; ".join(f"{k}: {v}" for k, v in cfg.skipped_metrics.items()),
-                        torch_threads=torch.get_num_threads(),
+                        torch_threads=torch.get_num_threads(), **self.process,
                         **{f"version_{k}": str(v) for k, v in versions().items()})
         return ds
 

@@ -76,12 +76,12 @@ def generate(model, classes: list[int], per_class: int, config: SamplerConfig, s
 
 def generate_text(model, captions: torch.Tensor, per_caption: int, config: SamplerConfig, seed: int,
                   bar=None) -> torch.Tensor:
-    """(len(captions) * per_caption, C, F, H, W) videos, caption-major, deterministic from ``seed``.
-    captions: (N, L, caption_channels); CFG's unconditional input is ``model.null_condition``."""
+    """(len(captions) * per_caption, *model.sample_shape()) videos (C, F, H, W) or images (C, H, W),
+    caption-major, deterministic from ``seed``. captions: (N, L, caption_channels); CFG's unconditional
+    input is ``model.null_condition``."""
     model.check_captions(captions)
     y = captions.repeat_interleave(per_caption, dim=0)                   # (N*per, L, C)
-    c = model.config
-    return _sample(model, (len(y), c.in_channels, c.num_frames, c.input_size, c.input_size), y, config, seed, bar)
+    return _sample(model, (len(y), *model.sample_shape()), y, config, seed, bar)
 
 
 def _parser():
@@ -144,7 +144,8 @@ def _draw(model, label: str, classes, args, config: SamplerConfig, captions, out
     written = []
     if captions is not None:
         samples = generate_text(model, captions.embeds, args.per_class, config, args.seed, bar)
-        fig = strip_figure(samples, title, pixel_range=False)
+        frames = samples if samples.dim() == 5 else samples.unsqueeze(2)   # images: one frame per row
+        fig = strip_figure(frames, title, pixel_range=False)
         with atomic_path(stem.with_suffix(".pt")) as tmp:
             torch.save(samples, tmp)
         written.append(stem.with_suffix(".pt"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import sha256 as file_sha256
+from .hunyuan import CAPTION_KEYS, pack_captions
 
 
 def load_caption_embeds(path) -> torch.Tensor:
@@ -15,7 +16,9 @@ def load_caption_embeds(path) -> torch.Tensor:
 
     ``.safetensors`` or a weights-only ``torch.load`` file (``.pt``/``.pth``/``.bin``) holding one
     tensor, or a dict with exactly one tensor (e.g. ``{"prompt_embeds": ...}``), of shape (L, C) for
-    one caption or (N, L, C) for N captions (padded to the same length L)."""
+    one caption or (N, L, C) for N captions (padded to the same length L). A HunYuan-DiT file (a dict
+    with ``prompt_embeds``, ``prompt_attention_mask``, ``prompt_embeds_2``, ``prompt_attention_mask_2``)
+    comes back packed into one tensor (``hunyuan.pack_captions``)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"caption embedding file {str(path)!r} does not exist or is not a file")
@@ -28,6 +31,11 @@ def load_caption_embeds(path) -> torch.Tensor:
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"caption embedding file {str(path)!r} could not be read weights-only: {first}") from None
+    if isinstance(obj, dict) and any(k in obj for k in CAPTION_KEYS[1:]):
+        try:
+            return pack_captions(obj)
+        except ValueError as e:
+            raise ValueError(f"caption embedding file {str(path)!r}: {e}") from None
     if isinstance(obj, dict):
         tensors = [v for v in obj.values() if torch.is_tensor(v)]
         if len(tensors) != 1:

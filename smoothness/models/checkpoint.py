@@ -1,8 +1,9 @@
 """Strict, weights-only checkpoint loading with configuration inference.
 
 Accepts ``.pt`` / ``.pth`` (a raw state dict, or one wrapped under ``ema`` / ``model`` /
-``state_dict``) and ``.safetensors``. Pickles are opened with ``torch.load(weights_only=True)``:
-a file that would need to run code to unpickle is refused.
+``state_dict`` / ``module``), ``.safetensors``, and diffusers model folders (``folders.py``).
+Pickles are opened with ``torch.load(weights_only=True)``: a file that would need to run code to
+unpickle is refused. HunYuan-DiT state dicts (either layout) load through ``folders.load_hunyuan``.
 """
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from pathlib import Path
 import torch
 
 from .dit import DiT, DiTConfig
+from .folders import load_folder, load_hunyuan
+from .hunyuan import is_hunyuan
 from .latte import LatteConfig
 from .latte_t2v import LatteT2VConfig
+from .protocol import FAMILIES
 from .registry import HEADS_BY_WIDTH, SIZES, make
 
-WRAPPERS = ("ema", "model", "state_dict")
+WRAPPERS = ("ema", "model", "state_dict", "module")
 
 
 class CheckpointError(ValueError):
@@ -26,10 +30,16 @@ class CheckpointError(ValueError):
 
 
 def sha256(path: str | Path) -> str:
+    """Checksum of a file; of a folder (a diffusers model), over its files' names and contents."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -218,13 +228,19 @@ def mismatch_report(sd, config: DiTConfig, limit: int = 5) -> str:
 
 
 def load_model(path: str | Path, num_heads: int | None = None, device="cpu", dtype=None) -> DiT:
-    """Build the model a checkpoint describes and load it strictly. Returns it in eval mode."""
+    """Build the model a checkpoint (file or diffusers folder) describes and load it strictly.
+    Returns it in eval mode."""
+    if Path(path).is_dir():
+        return load_folder(path, read_state_dict, device=device, dtype=dtype)
     sd, meta = read_state_dict(path)
+    if is_hunyuan(sd):
+        return load_hunyuan(sd, meta, repr(str(path)), device=device, dtype=dtype)
     num_heads = num_heads or meta.get("num_heads")
     try:
         config = infer_config(sd, num_heads)
-        if isinstance(config, LatteT2VConfig):          # sizes whose tables are not stored: from meta if saved
-            config = replace(config, **{k: int(meta[k]) for k in ("input_size", "num_frames") if k in meta})
+        stored = next(f.stored_sizes for f in FAMILIES.values() if f.config_class is type(config))
+        # sizes whose tables are not in the state dict: from meta if saved
+        config = replace(config, **{k: int(meta[k]) for k in stored if k in meta})
         report = mismatch_report(sd, config)
     except (CheckpointError, ValueError) as e:
         raise CheckpointError(f"checkpoint {str(path)!r} fits no configuration: {e}; "

@@ -10,8 +10,9 @@ from dataclasses import replace
 import torch
 
 from .dit import DiT, DiTConfig
-from .latte import Latte, LatteConfig
-from .latte_t2v import LatteT2V, LatteT2VConfig
+from .latte import LatteConfig
+from .latte_t2v import LatteT2VConfig
+from .protocol import make
 
 # name -> (depth, hidden, heads). Official sizes from the DiT paper; the small ones keep 32-wide heads.
 _SIZES = {
@@ -71,13 +72,6 @@ def config_for(name: str, **overrides) -> DiTConfig:
     if base not in SIZES:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(model_names())}")
     return replace(SIZES[base], skips=skip, **overrides)
-
-
-def make(config: DiTConfig) -> DiT:
-    """The model a configuration describes: ``LatteT2V``, ``Latte`` or ``DiT``, by configuration class."""
-    if isinstance(config, LatteT2VConfig):
-        return LatteT2V(config)
-    return Latte(config) if isinstance(config, LatteConfig) else DiT(config)
 
 
 def build(name: str, device: str | torch.device | None = None, **overrides) -> DiT:

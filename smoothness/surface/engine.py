@@ -92,10 +92,18 @@ class GridEngine:
         for mname, module in self.model.named_modules():
             own = {f"{mname}.{n}" if mname else n for n, _ in module.named_parameters(recurse=False)}
             if own & chosen and not (isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.Embedding))
-                                     or hasattr(module, "forward_grouped")):
+                                     or self._forward_grouped(module) is not None):
                 raise ValueError(f"cannot perturb parameters of {mname!r} ({type(module).__name__}); "
                                  "supported: Linear, Conv2d, LayerNorm, Embedding and modules with "
                                  "forward_grouped")
+
+    def _forward_grouped(self, module: nn.Module):
+        """``forward_grouped(values, groups, *args, **kw)`` of a module that uses its own parameters
+        directly: its own method, or one its model provides for it (diffusers adapters); else None."""
+        if hasattr(module, "forward_grouped"):
+            return module.forward_grouped
+        provide = getattr(self.model, "grouped_forward", None)
+        return provide(module) if provide is not None else None
 
     # -------------------------------------------------------------- weights
     def _grouped(self, module: nn.Module, mname: str, coef, plans: "_Plans"):
@@ -115,11 +123,12 @@ class GridEngine:
             return out.addcmul_(b.to(w.dtype).view(shape), d2)
 
         g = a.numel()
-        if hasattr(module, "forward_grouped"):
+        grouped = self._forward_grouped(module)
+        if grouped is not None:
             # A module that uses its own parameters directly (LatteT2V's scale_shift_table) takes
             # them per group; its child modules are overridden on their own.
             own = [attr for attr in names if names[attr] in self.param_names]
-            return lambda *args, **kw: module.forward_grouped({n: value(n) for n in own}, g, *args, **kw)
+            return lambda *args, **kw: grouped({n: value(n) for n in own}, g, *args, **kw)
         if isinstance(module, nn.Linear):
             if names["weight"] not in self.param_names:                # only the bias is perturbed
                 return _linear_bias_only(module, value, g)

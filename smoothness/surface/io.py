@@ -14,6 +14,7 @@ import xarray as xr
 
 from ..io_utils import atomic_path, versions
 from ..models import caption_attrs
+from ..models.protocol import family_of
 
 DIMS = ("model", "step", "readout", "seed", "alpha", "beta")
 REQUIRED_ATTRS = ("config", "metric", "mode", "direction_seed", "norm", "params", "grid_alpha", "grid_beta",
@@ -44,6 +45,9 @@ def surface_attrs(entries, cfg) -> dict:
         "dtype": cfg.dtype,
         "models": json.dumps({e.label: e.source for e in entries}),
         "model_sha256": json.dumps({e.label: e.sha256 for e in entries}),
+        "model_family": json.dumps({e.label: family_of(e.model).name for e in entries}),
+        "diffusion_process": json.dumps({e.label: "{0.schedule} betas, {0.prediction} prediction".format(
+            family_of(e.model)) for e in entries}),
         "versions": json.dumps(versions()),
     }
 
