@@ -119,7 +119,8 @@ def provenance(entries) -> dict:
 
 
 def sampler_attrs(sampler: SamplerConfig) -> dict:
-    return {"chain": sampler.label, "cfg_scale": sampler.cfg_scale,
+    return {"chain": sampler.label, "spacing": sampler.spacing, "steps_offset": sampler.steps_offset,
+            "cfg_scale": sampler.cfg_scale,
             "cfg_channels": -1 if sampler.cfg_channels is None else sampler.cfg_channels,
             "clip_denoised": int(sampler.clip_denoised), "eta": sampler.eta}
 

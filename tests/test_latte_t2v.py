@@ -291,7 +291,7 @@ def tiny4():
                       std=0.1).eval()
 
 
-DDIM50 = SamplerConfig(num_steps=50, sampler="ddim", cfg_scale=4.0)
+DDIM50 = SamplerConfig(num_steps=50, sampler="ddim", cfg_scale=4.0, spacing="leading")   # the T2V pipeline's chain
 
 
 def test_ddim50_sampling_is_guided_by_the_null_condition(tiny4):

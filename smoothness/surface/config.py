@@ -1,6 +1,7 @@
 """What a surface is: ``SurfaceConfig``, numbers only (grids as ``Axis``, captions loaded once)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,5 +84,10 @@ class SurfaceConfig:
         return EvalSpec(tuple(self.steps), tuple(self.readouts), self.sampler, self.perturbation, self.device)
 
     def to_json(self) -> str:
-        """Every setting as JSON (grids in their ``min:max:count`` spelling, captions by file)."""
-        return chain.config_json(self)
+        """Every setting used as JSON (grids in their ``min:max:count`` spelling, captions by file);
+        the direction settings a features or latent perturbation does not use are null."""
+        if self.perturbation.mode == "weights":
+            return chain.config_json(self)
+        d = json.loads(chain.config_json(self))
+        d["perturbation"]["directions"].update(norm=None, params=None, include_1d=None)
+        return json.dumps(d, sort_keys=True)
