@@ -15,7 +15,6 @@ which is not bundled.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .. import chain, metrics
-from ..cli import parse_int_list, run_cli
+from ..cli import (add_sampler_args, check_out_folder, check_positive, check_sampler_flags, model_names,
+                   official_sampler, parse_int_list, parser, run_cli, sampler_flags)
 from ..diffusion import SAMPLERS, Diffusion, SamplerConfig
 from ..io_utils import atomic_path, check_writable
 from ..models import Captions, bundled
@@ -63,8 +63,7 @@ def generate_text(model, captions: torch.Tensor, per_caption: int, config: Sampl
 
 def _parser():
     d = SamplerConfig(**bundled.DIGITS_SAMPLER)
-    p = argparse.ArgumentParser(prog="python -m smoothness.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m smoothness.sample", __doc__)
     p.add_argument("--model", action="append", metavar="NAME",
                    help=f"bundled model, repeatable (default: {' and '.join(bundled.DEFAULT_PAIR)})")
     p.add_argument("--ckpt", action="append", type=Path, metavar="PATH",
@@ -86,26 +85,25 @@ def _parser():
     p.add_argument("--batch-size", type=int, default=250, help="samples per batch when scoring (default: 250)")
     p.add_argument("--caption-embeds", type=Path, metavar="FILE",
                    help="caption embeddings (L, C) or (N, L, C), .pt or .safetensors, for text-to-video checkpoints")
-    p.add_argument("--negative-embeds", type=Path, metavar="FILE",
-                   help="negative-prompt embedding (L, C), the CFG unconditional input (default: zeros)")
+    p.add_argument("--negative-embeds", metavar="FILE|learned",
+                   help="negative-prompt embedding (L, C), the CFG unconditional input, or 'learned': the "
+                        "checkpoint's caption_projection.y_embedding (PixArt's null caption) (default: zeros)")
+    add_sampler_args(p)
     return p
 
 
 def _load_models(args, captions, negative) -> list:
     """[(name, model)], each checked against the flags before any sampling."""
-    names = (args.model or []) + [str(c) for c in (args.ckpt or [])] or list(bundled.DEFAULT_PAIR)
-    models = [(n, bundled.load(n, num_heads=args.num_heads)) for n in names]   # fail before any work
+    models = [(n, bundled.load(n, num_heads=args.num_heads)) for n in model_names(args)]   # fail before any work
     for n, model in models:
         if args.score_samples:
             _check_scorable(model, n)
         if not model.config.num_classes and args.classes is not None:
             raise ValueError(f"--classes {args.classes} given, but {n} is unconditional (no class labels)")
-    if negative is not None and captions is None:
-        raise ValueError("--negative-embeds needs --caption-embeds")
     for name, model in models:
         chain.check_captions_for(model, captions, name)
         if captions is not None:
-            model.set_negative_embeds(chain.embeds(negative))
+            model.set_negative_embeds(negative if isinstance(negative, str) else chain.embeds(negative))
     return models
 
 
@@ -133,19 +131,34 @@ def _draw(model, label: str, classes, args, config: SamplerConfig, captions, out
     return samples, [path] + written
 
 
+def _check_args(args):
+    """Every flag on its own, before any model is loaded."""
+    model_names(args)
+    check_positive(args.per_class, "--per-class")
+    check_positive(args.score_samples, "--score-samples", zero=True)
+    check_positive(args.batch_size, "--batch-size")
+    check_out_folder(args.out)
+    if args.negative_embeds is not None and args.caption_embeds is None:
+        raise ValueError("--negative-embeds needs --caption-embeds")
+    if args.negative_embeds is not None and not args.negative_embeds.strip():
+        raise ValueError("--negative-embeds '' is empty; give a file or learned")
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
-    classes = parse_int_list(args.classes or "0,1,2,3,4,5,6,7,8,9", "--classes")
-    if args.per_class < 1:
-        raise ValueError(f"--per-class={args.per_class} is not allowed; use a positive integer")
+    classes = parse_int_list(args.classes if args.classes is not None else "0,1,2,3,4,5,6,7,8,9", "--classes")
+    _check_args(args)
+    given = sampler_flags(args)
+    check_sampler_flags(given, args.cfg_scale)
     config = SamplerConfig(num_steps=args.num_sampling_steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
-                           clip_denoised=True)
+                           clip_denoised=True, **given)
+    captions = Captions.of(args.caption_embeds)
+    negative = "learned" if args.negative_embeds == "learned" else Captions.of(args.negative_embeds)
     out = check_writable(args.out)
-    captions, negative = Captions.of(args.caption_embeds), Captions.of(args.negative_embeds)
     models = _load_models(args, captions, negative)
     for name, model in models:
-        model_config = config if bundled.is_pixel(model) else SamplerConfig(
-            num_steps=config.num_steps, sampler=config.sampler, cfg_scale=config.cfg_scale)
+        model_config = official_sampler(SamplerConfig(**{**config.__dict__, "clip_denoised": bundled.is_pixel(model)}),
+                                        [model], given)
         t0 = time.time()
         label = bundled.label(name)
         samples, paths = _draw(model, label, classes, args, model_config, captions, out)

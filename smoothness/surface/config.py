@@ -17,6 +17,7 @@ from .perturb import Axis
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_GRID = Axis(-0.25, 0.25, 21)
+MAX_RESULT_BYTES = 8 * 2 ** 30     # a surface result larger than this is refused before anything is allocated
 
 
 def as_axis(value, what: str) -> Axis:
@@ -65,6 +66,17 @@ class SurfaceConfig:
             raise ValueError(f"batch_size={self.batch_size} is not allowed; use a positive integer")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not allowed; use one of {', '.join(DTYPES)}")
+        self.check_size(1)
+
+    def check_size(self, models: int):
+        """Estimate the result's memory (float64 cells plus the grid plan) before allocating it."""
+        points = (self.alpha.count + 1) * (self.beta.count + 1)          # +1: the origin may be added
+        cells = models * len(self.steps) * len(self.readouts) * len(self.seeds) * points
+        need = 8 * cells + 32 * points
+        if need > MAX_RESULT_BYTES:
+            raise ValueError(f"the surface grid {self.alpha} x {self.beta} ({points:,} points, {cells:,} values) "
+                             f"needs about {need / 2 ** 30:.1f} GiB; the limit is {MAX_RESULT_BYTES / 2 ** 30:.0f} GiB: "
+                             "use fewer grid points, steps, readouts or seeds")
 
     @property
     def alphas(self) -> np.ndarray:
