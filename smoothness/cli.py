@@ -57,6 +57,14 @@ def parse_int_list(text: str, what: str, unique: bool = False) -> list[int]:
     return vals
 
 
+def path_arg(text: str) -> Path:
+    """argparse ``type`` of path flags: an empty value is an error, not the current folder
+    (``Path("")`` is ``.``)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a path")
+    return Path(text)
+
+
 def check_name(name: str, flag: str = "--name") -> str:
     """A file stem inside --out: not empty, no folder part (no escape from --out)."""
     if not name or not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:

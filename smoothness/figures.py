@@ -32,7 +32,7 @@ import xarray as xr
 from . import data, metrics
 from .analysis import correlate, dynamics as dyn, spectral as spec
 from .cache.sweep import SweepConfig, sweep
-from .cli import check_out_folder, check_positive, parser, run_cli
+from .cli import check_out_folder, check_positive, parser, path_arg, run_cli
 from .data.sample import generate
 from .diffusion import SamplerConfig
 from .io_utils import atomic_path, check_writable
@@ -208,7 +208,7 @@ def main(argv=None):
                    help=f"figures to make, comma-separated letters (default: all, {','.join(sorted(PAPER))})")
     p.add_argument("--resolution", choices=sorted(RESOLUTIONS), default="default",
                    help="default (<= 15 min on 2 cores) or paper (finer grids, more seeds; hours) (default: default)")
-    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
+    p.add_argument("--out", type=path_arg, default=Path("figures"), help="output folder (default: figures/)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: 0)")
     args = p.parse_args(argv)
     only = [c.strip() for c in args.only.split(",") if c.strip()]

@@ -38,7 +38,7 @@ import xarray as xr
 from .. import chain
 from ..cache import CacheConfig
 from ..cli import (add_model_args, add_sampler_args, check_name, check_out_folder, check_positive, check_sampler_flags,
-                   model_names, official_sampler, parse_int_list, parser, sampler_flags)
+                   model_names, official_sampler, parse_int_list, parser, path_arg, sampler_flags)
 from ..diffusion import SAMPLERS, SamplerConfig
 from ..io_utils import atomic_path, check_writable
 from ..models import Captions, load_entries
@@ -82,7 +82,7 @@ def _parser():
     a("--jobs", type=int, default=2, help="models computed side by side, one process each (default: 2, the "
       "bundled pair on two cores)")
     a("--threads", type=int, default=1, help="torch CPU threads per process (default: 1: the models are small)")
-    a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
+    a("--out", type=path_arg, default=Path("results"), help="output folder (default: results/)")
     a("--name", default="correlate", help="file stem inside --out (default: correlate)")
     add_sampler_args(p)
     return p

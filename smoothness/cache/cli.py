@@ -25,7 +25,7 @@ import xarray as xr
 
 from .. import chain
 from ..cli import (add_model_args, add_sampler_args, check_name, check_out_folder, check_positive, check_sampler_flags,
-                   model_names, official_sampler, parse_int_list, parser, sampler_flags)
+                   model_names, official_sampler, parse_int_list, parser, path_arg, sampler_flags)
 from ..diffusion import SAMPLERS, SamplerConfig
 from ..io_utils import atomic_path, check_writable
 from ..models import Captions, bundled, sha256
@@ -77,12 +77,12 @@ def _parser():
     a("--classes", default=None, help="class labels (default: 0..9; not allowed for unconditional models)")
     a("--per-class", type=int, default=d.per_class, help="samples per class; unconditional models draw 10 x this "
       f"many, text-to-video models this many per caption (default: {d.per_class})")
-    a("--caption-embeds", type=Path, default=None, metavar="FILE",
+    a("--caption-embeds", type=path_arg, default=None, metavar="FILE",
       help="text-to-video checkpoints: caption embeddings (L, C) or (N, L, C), .pt or .safetensors; their "
            "sha256 goes into the attributes (default: none)")
     a("--threads", type=int, default=1, help="torch CPU threads (default: 1; the digits models are small, and "
       "one thread is robust on a shared CPU)")
-    a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
+    a("--out", type=path_arg, default=Path("results"), help="output folder (default: results/)")
     a("--name", default="cache_sweep", help="file stem inside --out (default: cache_sweep)")
     add_sampler_args(p)
     return p

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cli import check_positive, parser, run_cli
+from ..cli import check_positive, parser, path_arg, run_cli
 from ..io_utils import atomic_path
 from ..models.bundled import weight_path
 from . import digits as data
@@ -83,7 +83,7 @@ def load(path: str | Path | None = None) -> DigitClassifier:
 
 def main(argv=None):
     p = parser("python -m smoothness.data.classifier", __doc__)
-    p.add_argument("--out", type=Path, required=True, help="where to write the classifier (.pt)")
+    p.add_argument("--out", type=path_arg, required=True, help="where to write the classifier (.pt)")
     p.add_argument("--epochs", type=int, default=30, help="(default: 30)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     args = p.parse_args(argv)

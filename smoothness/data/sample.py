@@ -23,7 +23,7 @@ import torch
 
 from .. import chain, metrics
 from ..cli import (add_sampler_args, check_out_folder, check_positive, check_sampler_flags, model_names,
-                   official_sampler, parse_int_list, parser, run_cli, sampler_flags)
+                   official_sampler, parse_int_list, parser, path_arg, run_cli, sampler_flags)
 from ..diffusion import SAMPLERS, Diffusion, SamplerConfig
 from ..io_utils import atomic_path, check_writable
 from ..models import Captions, bundled
@@ -66,7 +66,7 @@ def _parser():
     p = parser("python -m smoothness.sample", __doc__)
     p.add_argument("--model", action="append", metavar="NAME",
                    help=f"bundled model, repeatable (default: {' and '.join(bundled.DEFAULT_PAIR)})")
-    p.add_argument("--ckpt", action="append", type=Path, metavar="PATH",
+    p.add_argument("--ckpt", action="append", type=path_arg, metavar="PATH",
                    help="checkpoint path, repeatable; its model is built by config inference")
     p.add_argument("--num-heads", type=int, default=None, help="override heads for --ckpt (default: by width)")
     p.add_argument("--num-sampling-steps", type=int, default=d.num_steps, help=f"(default: {d.num_steps})")
@@ -76,14 +76,14 @@ def _parser():
                    "unconditional models, which draw 10 x --per-class samples)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
+    p.add_argument("--out", type=path_arg, default=Path("figures"), help="output folder (default: figures/)")
     p.add_argument("--score-samples", type=int, default=0, metavar="N",
                    help="also draw N samples per model (classes balanced) and print the digits classifier's "
                         "accuracy and the Frechet distance to held-out digits; for the moving-digits video "
                         "models, N videos and the classifier's confidence and label consistency per frame "
                         "(default: 0, off)")
     p.add_argument("--batch-size", type=int, default=250, help="samples per batch when scoring (default: 250)")
-    p.add_argument("--caption-embeds", type=Path, metavar="FILE",
+    p.add_argument("--caption-embeds", type=path_arg, metavar="FILE",
                    help="caption embeddings (L, C) or (N, L, C), .pt or .safetensors, for text-to-video checkpoints")
     p.add_argument("--negative-embeds", metavar="FILE|learned",
                    help="negative-prompt embedding (L, C), the CFG unconditional input, or 'learned': the "

@@ -22,7 +22,7 @@ import torch
 
 import numpy as np
 
-from ..cli import check_finite, check_positive, parser, run_cli
+from ..cli import check_finite, check_positive, parser, path_arg, run_cli
 from ..diffusion import Diffusion
 from ..io_utils import atomic_path
 from ..models import build, bundled, model_names, read_state_dict
@@ -188,8 +188,8 @@ def main(argv=None):
                    help=f"digits (DiT, class-conditional), moving-digits (Latte, unconditional video of the "
                         f"ten class medoids) or moving-digits-all (any handwritten digit) (default: {d.data})")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads, 0 = default (default: 0)")
-    p.add_argument("--out", type=Path, help="checkpoint path (.pt)")
-    p.add_argument("--plot-losses", type=Path, metavar="PNG",
+    p.add_argument("--out", type=path_arg, help="checkpoint path (.pt)")
+    p.add_argument("--plot-losses", type=path_arg, metavar="PNG",
                    help="instead of training, draw the bundled models' loss curves into PNG")
     p.add_argument("--save-every", type=int, default=200, help="training-state interval (default: 200)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt if present")

@@ -21,7 +21,7 @@ import xarray as xr
 
 from .. import chain, hooks
 from ..cli import (add_model_args, add_sampler_args, check_device, check_name, check_out_folder, check_sampler_flags,
-                   model_names, official_sampler, parse_int_list, parser, sampler_flags)
+                   model_names, official_sampler, parse_int_list, parser, path_arg, sampler_flags)
 from ..diffusion import SAMPLERS
 from ..io_utils import atomic_path, check_writable
 from ..models import Captions, load_entries
@@ -77,7 +77,7 @@ def _parser():
     a("--batch-size", type=int, default=d.batch_size,
       help=f"grid points per forward; in local mode each point carries every step's and seed's x_t "
            f"(x2 with CFG) as rows (default: {d.batch_size})")
-    a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
+    a("--out", type=path_arg, default=Path("results"), help="output folder (default: results/)")
     a("--name", default="surface", help="file stem inside --out (default: surface)")
     a("--resume", action="store_true", help="continue from <out>/<name>.partial.nc")
     add_sampler_args(p)

@@ -54,15 +54,11 @@ class SurfaceConfig:
         if self.evaluation not in EVALUATIONS:
             raise ValueError(f"unknown evaluation {self.evaluation!r}; allowed: {', '.join(EVALUATIONS)}")
         similarity.check(self.metric, self.flatten)
-        if not self.steps:
-            raise ValueError("no steps requested")
-        for s in self.steps:
-            if not 1 <= s <= self.sampler.num_steps:
-                raise ValueError(f"step {s} is outside the chain; allowed: 1..{self.sampler.num_steps} "
-                                 f"(a {self.sampler.num_steps}-step {self.sampler.sampler.upper()} chain)")
-        if not self.seeds:
-            raise ValueError("no seeds requested")
-        if self.batch_size < 1:
+        chain.check_steps(list(self.steps), self.sampler)          # integers inside the chain
+        chain.check_seeds(self.seeds)                              # given, each once
+        if not self.readouts:
+            raise ValueError("no readouts requested; use output and/or sites such as blocks.5")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ValueError(f"batch_size={self.batch_size} is not allowed; use a positive integer")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not allowed; use one of {', '.join(DTYPES)}")
