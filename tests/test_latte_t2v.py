@@ -368,6 +368,10 @@ def test_sample_cli_text_to_video(tmp_path):
     assert (tmp_path / "samples_t2v.png").stat().st_size > 1000
     torch.save(torch.randn(3, 7), tmp_path / "wide.pt")
     assert run_cli(sample.main, argv[:3] + [str(tmp_path / "wide.pt")] + argv[6:]) == 2
+    learned = argv[:5] + ["learned"] + argv[6:] + ["--cfg-scale", "2"]
+    assert run_cli(sample.main, learned) == 2                      # Mini's y_embedding has 4 tokens, captions 3
+    torch.save(torch.randn(2, 4, 32), tmp_path / "caps.pt")
+    assert run_cli(sample.main, learned) == 0
 
 
 def test_cache_sweep_cli_text_to_video(tmp_path, capsys):
@@ -387,12 +391,13 @@ def test_cache_sweep_cli_text_to_video(tmp_path, capsys):
     ds = xr.open_dataset(tmp_path / "s.nc", engine="h5netcdf")
     assert ds.attrs["captions"] == 2 and ds.attrs["caption_tokens"] == 5 and ds.attrs["cfg_scale"] == 7.5
     assert len(ds.attrs["caption_sha256"]) == 64 and "classes" not in ds.attrs
+    assert (ds.attrs["spacing"], ds.attrs["steps_offset"], ds.attrs["cfg_channels"]) == ("leading", 0, -1)   # the T2V pipeline's
     cached = ds.sel({"method": "skip-cache"}).squeeze()
     assert int(cached.full_steps) == 2 and np.isfinite(float(cached.psnr))
     from smoothness.cache import CacheConfig
     from smoothness.diffusion import Diffusion
     want = flops.theoretical_speedup(model, CacheConfig(method="skip-cache", interval=2, k=1),
-                                     Diffusion.respaced(4).chain, caption_tokens=5)
+                                     Diffusion.respaced(4, "leading").chain, caption_tokens=5)
     assert float(cached.theoretical_speedup) == pytest.approx(want) and want > 1.2
     ds.close()
     capsys.readouterr()
@@ -497,7 +502,9 @@ def test_surface_cli_with_caption_embeds(tmp_path):
     argv = ["--ckpt", str(tmp_path / "t2v.pt"), "--num-steps", "3", "--sampler", "ddim", "--steps", "3",
             "--grid=-0.2:0.2:3", "--out", str(tmp_path / "out")]
     assert run_cli(surface_cli.main, argv + ["--caption-embeds", str(tmp_path / "cap.pt")]) == 0
-    assert (tmp_path / "out" / "surface.nc").exists()
+    import xarray as xr
+    with xr.open_dataset(tmp_path / "out" / "surface.nc", engine="h5netcdf") as ds:
+        assert ds.attrs["spacing"] == "leading" and ds.timestep.values.tolist() == [0]   # DDIM-3 leading: 666, 333, 0
     assert run_cli(surface_cli.main, argv + ["--out", str(tmp_path / "none")]) == 2          # no caption
     assert not (tmp_path / "none" / "surface.partial.nc").exists()
     assert run_cli(surface_cli.main, ["--model", "digits-dit", "--caption-embeds", str(tmp_path / "cap.pt"),

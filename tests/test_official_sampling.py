@@ -98,3 +98,23 @@ def test_presets_patterns_on_the_official_chains_are_unchanged(name, family, sam
 def test_family_is_known_for_every_model():
     for name in ("DiT-Mini/2", "Latte-Mini/2", "LatteT2V-Mini/2"):
         assert build(name, device="meta").family in OFFICIAL
+
+
+@pytest.mark.parametrize("flags, spacing, channels, timesteps", [
+    ([], "even", 3, [666, 0]),                                        # DiT's official: even chain, 3 channels
+    (["--spacing", "leading", "--cfg-channels", "all"], "leading", -1, [500, 0]),
+    (["--spacing", "leading", "--steps-offset", "1"], "leading", 3, [501, 1]),
+])
+def test_surface_cli_records_the_chain_it_ran(tmp_path, make_model, flags, spacing, channels, timesteps):
+    import xarray as xr
+
+    from smoothness.cli import run_cli
+    from smoothness.surface import cli as surface_cli
+    torch.save({"ema": make_model("DiT-Mini/2").state_dict()}, tmp_path / "dit.pt")
+    argv = ["--ckpt", str(tmp_path / "dit.pt"), "--sampler", "ddim", "--num-steps", "4", "--steps", "2,4",
+            "--cfg-scale", "2", "--grid=-0.1:0.1:3", "--out", str(tmp_path), *flags]
+    assert run_cli(surface_cli.main, argv) == 0
+    with xr.open_dataset(tmp_path / "surface.nc", engine="h5netcdf") as ds:
+        assert (ds.attrs["spacing"], ds.attrs["cfg_channels"]) == (spacing, channels)
+        assert ds.timestep.values.tolist() == timesteps
+        assert ds.attrs["steps_offset"] == (1 if "--steps-offset" in flags else 0)
