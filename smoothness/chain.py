@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from typing import Iterable, Iterator
 
 import torch
@@ -105,7 +106,9 @@ def check_steps(steps, sampler: SamplerConfig, what: str = "step"):
     if not steps:
         raise ValueError(f"no {what}s requested")
     for s in steps:
-        if not (isinstance(s, int) and 1 <= s <= sampler.num_steps):
+        if not isinstance(s, numbers.Integral) or isinstance(s, bool):
+            raise ValueError(f"{what} {s!r} is not an integer; allowed: integers 1..{sampler.num_steps}")
+        if not 1 <= s <= sampler.num_steps:
             raise ValueError(f"{what} {s!r} is outside the chain; allowed: 1..{sampler.num_steps} "
                              f"(a {sampler.num_steps}-step {sampler.sampler.upper()} chain)")
 
@@ -130,7 +133,8 @@ def provenance(entries) -> dict:
 
 
 def sampler_attrs(sampler: SamplerConfig) -> dict:
-    return {"chain": sampler.label, "cfg_scale": sampler.cfg_scale,
+    return {"chain": sampler.label, "spacing": sampler.spacing, "steps_offset": sampler.steps_offset,
+            "cfg_scale": sampler.cfg_scale,
             "cfg_channels": -1 if sampler.cfg_channels is None else sampler.cfg_channels,
             "clip_denoised": int(sampler.clip_denoised), "eta": sampler.eta}
 

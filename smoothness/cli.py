@@ -2,8 +2,12 @@
 command shares. Core layer (it names the bundled models); only the commands import it."""
 from __future__ import annotations
 
+import argparse
+import math
 import sys
+from pathlib import Path
 
+from .diffusion import OFFICIAL, SPACINGS, SamplerConfig, official_sampling
 from .models import bundled
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
@@ -17,7 +21,7 @@ def run_cli(main, argv=None) -> int:
     try:
         main(argv)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)       # one line, always
         return 2
     except SystemExit as e:                       # argparse: usage errors (2) and --help (0)
         return e.code if isinstance(e.code, int) else 2
@@ -27,15 +31,84 @@ def run_cli(main, argv=None) -> int:
     return 0
 
 
-def parse_int_list(text: str, what: str) -> list[int]:
-    """``"10,250"`` -> [10, 250]; a clear error otherwise."""
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A usage error is one line naming the value, exit status 2 (argparse prints the usage too)."""
+        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """Every command's parser: no prefix abbreviations (``--interval`` is not ``--intervals``) and
+    usage errors in one line."""
+    return _Parser(prog=prog, description=doc, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def parse_int_list(text: str, what: str, unique: bool = False) -> list[int]:
+    """``"10,250"`` -> [10, 250]; a clear error otherwise (an empty list too: it never means the default)."""
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"{what} {text!r} is not a comma-separated list of integers") from None
     if not vals:
-        raise ValueError(f"{what} is empty")
+        raise ValueError(f"{what} {text!r} is empty; give at least one integer")
+    if unique and len(set(vals)) != len(vals):
+        raise ValueError(f"{what} {text!r} repeats a value; give each once")
     return vals
+
+
+def path_arg(text: str) -> Path:
+    """argparse ``type`` of path flags: an empty value is an error, not the current folder
+    (``Path("")`` is ``.``)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; give a path")
+    return Path(text)
+
+
+def check_name(name: str, flag: str = "--name") -> str:
+    """A file stem inside --out: not empty, no folder part (no escape from --out)."""
+    if not name or not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"{flag} {name!r} is not allowed; use a plain file stem without folders, e.g. surface")
+    return name
+
+
+def check_out_folder(out: Path, flag: str = "--out") -> Path:
+    """An output folder: not empty text and not an existing file (writability is checked by
+    io_utils.check_writable just before any work)."""
+    if not str(out).strip():
+        raise ValueError(f"{flag} {str(out)!r} is empty; give a folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {str(out)!r} is an existing file, not a folder")
+    return out
+
+
+def check_device(device: str) -> str:
+    """cpu, cuda or cuda:N (the latter two only where a GPU is present)."""
+    import torch
+    text = device.strip()
+    cuda = text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())
+    if text != "cpu" and not cuda:
+        raise ValueError(f"--device {device!r} is not allowed; use cpu, cuda or cuda:N")
+    if cuda:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(text[5:]) if ":" in text else 0
+        if index >= count:
+            raise ValueError(f"--device {device!r} is not available here ({count} GPU(s)); allowed: cpu"
+                             + (f", cuda:0..{count - 1}" if count else ""))
+    return text
+
+
+def check_positive(value, flag: str, zero: bool = False):
+    """An integer >= 1 (>= 0 with ``zero``)."""
+    if value < (0 if zero else 1):
+        raise ValueError(f"{flag}={value} is not allowed; use {'0 or ' if zero else ''}a positive integer")
+    return value
+
+
+def check_finite(value: float, flag: str, positive: bool = True) -> float:
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{flag}={value} is not allowed; use a finite number{' > 0' if positive else ''}")
+    return value
 
 
 def add_model_args(parser):
@@ -48,3 +121,90 @@ def add_model_args(parser):
     parser.add_argument("--num-heads", type=int, default=None,
                         help="attention heads for --ckpt when the width is not an official size's "
                              "(default: from the official size of that width)")
+
+
+def add_sampler_args(parser):
+    """The chain flags every sampler-building CLI shares: --spacing, --steps-offset, --cfg-channels.
+    Left out, each takes the official value of the models' family (``diffusion.OFFICIAL``)."""
+    fam = "; ".join(f"{f}: {o['spacing']}" for f, o in OFFICIAL.items())
+    parser.add_argument("--spacing", choices=list(SPACINGS), default=None,
+                        help=f"timesteps the chain visits: even (IDDPM's create_diffusion), leading or trailing "
+                             f"(diffusers) (default: the family's official one; {fam})")
+    parser.add_argument("--steps-offset", type=int, default=None,
+                        help="diffusers' steps_offset added to the leading chain; needs --spacing leading (default: 0)")
+    chans = "; ".join(f"{f}: {o['cfg_channels'] or 'all'}" for f, o in OFFICIAL.items())
+    parser.add_argument("--cfg-channels", default=None, metavar="N|all",
+                        help=f"eps channels guided (at most the model's; the variance is never guided) (default: "
+                             f"the family's official choice; {chans})")
+
+
+def sampler_flags(args) -> dict:
+    """The chain flags given on the command line, checked: {field: value} for SamplerConfig."""
+    given = {}
+    if args.spacing is not None:
+        given["spacing"] = args.spacing
+    if args.steps_offset is not None:
+        if args.spacing != "leading":
+            raise ValueError(f"--steps-offset {args.steps_offset} only applies with --spacing leading")
+        given["steps_offset"] = args.steps_offset
+    if args.cfg_channels is not None:
+        text = args.cfg_channels.strip()
+        if text == "all":
+            given["cfg_channels"] = None
+        else:
+            try:
+                given["cfg_channels"] = int(text)
+            except ValueError:
+                raise ValueError(f"--cfg-channels {args.cfg_channels!r} is not allowed; use a positive integer "
+                                 "or all") from None
+            if given["cfg_channels"] < 1:
+                raise ValueError(f"--cfg-channels {args.cfg_channels!r} is not allowed; use a positive integer "
+                                 "or all")
+    return given
+
+
+def check_sampler_flags(given: dict, cfg_scale: float):
+    """--cfg-channels does nothing without guidance: refuse it rather than record it."""
+    if "cfg_channels" in given and cfg_scale == 1.0:
+        raise ValueError("--cfg-channels is for guided sampling; --cfg-scale is 1 (no guidance)")
+
+
+def official_sampler(sampler: SamplerConfig, models, given: dict | None = None) -> SamplerConfig:
+    """``sampler`` with the fields in ``given`` as given, and spacing, steps_offset and (when guided)
+    cfg_channels from the official sampling of the models' family. Models of families that disagree
+    need the setting given explicitly."""
+    given = dict(given or {})
+    families = sorted({m.family for m in models})
+    fields = ("spacing", "steps_offset") + (("cfg_channels",) if sampler.cfg_scale != 1.0 else ())
+    out = {}
+    for key in fields:
+        if key in given:
+            out[key] = given[key]
+            continue
+        values = {f: official_sampling(f)[key] for f in families}
+        if len(set(values.values())) > 1:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"the models' families sample with different {key} "
+                             f"({', '.join(f'{f}: {v}' for f, v in values.items())}); choose one with {flag}")
+        out[key] = next(iter(values.values()))
+    if sampler.cfg_scale == 1.0:
+        out["cfg_channels"] = None
+    return SamplerConfig(**{**sampler.__dict__, **out})
+
+
+def model_names(args) -> list[str]:
+    """The models named by --model / --ckpt (default: the bundled pair), --num-heads checked: a
+    positive count, and only with --ckpt (bundled models carry their own)."""
+    if args.num_heads is not None:
+        if args.num_heads < 1:
+            raise ValueError(f"--num-heads={args.num_heads} is not allowed; use a positive integer")
+        if not args.ckpt:
+            raise ValueError(f"--num-heads {args.num_heads} is for --ckpt checkpoints; bundled models carry their own")
+    for n in args.model or []:
+        if n not in bundled.diffusion_models():
+            raise ValueError(f"unknown model {n!r} for --model; allowed: {', '.join(bundled.diffusion_models())} "
+                             "(checkpoint files go to --ckpt)")
+    for c in args.ckpt or []:
+        if not str(c).strip():
+            raise ValueError(f"--ckpt {str(c)!r} is empty; give a checkpoint file")
+    return list(args.model or []) + [str(c) for c in args.ckpt or []] or list(bundled.DEFAULT_PAIR)

@@ -9,7 +9,9 @@ can attach at any step:
         rec.step, rec.timestep, rec.x_t, rec.model_output     # step counts from 1; t on the 1000 scale
 
 Words: "timestep" t is on the 1000-step training scale (0 = clean); "step" is the sampler iteration,
-1 .. num_steps. DDPM-250 visits t = 999, 995, ..., 4, 0; DDIM-50 visits t = 980, 960, ..., 0.
+1 .. num_steps. The chain's spacing is explicit (``SamplerConfig.spacing``): DDPM-250 "even" visits
+t = 999, 995, ..., 4, 0; DDIM-50 "even" (DiT, Latte) 999, 979, 958, ..., 0 and "leading" (diffusers,
+Latte T2V) 980, 960, ..., 0. ``OFFICIAL`` names each model family's official spacing and guidance.
 
 The training process (beta schedule and what the model predicts) belongs to the model, not to the
 sampler: ``sample_steps`` takes it from the model's family (``models.protocol``), so a v-prediction
@@ -45,29 +47,79 @@ def scaled_linear_betas(num_steps: int = TRAIN_STEPS, start: float = 0.00085, en
 
 SCHEDULES = {"linear": linear_betas, "scaled_linear": scaled_linear_betas}
 
+SPACINGS = ("even", "leading", "trailing")
+# Each family's official sampling (paper-spec section 5): DiT's sample.py and Latte's class-to-video
+# sample.py respace with IDDPM's ``create_diffusion(str(n))`` (even) for DDPM and DDIM alike and guide
+# DiT's first 3 eps channels / Latte's 4; the text-to-video pipeline uses diffusers' DDIMScheduler
+# ("leading", steps_offset 0) and guides every channel (the variance half is then dropped).
+OFFICIAL = {
+    "dit": dict(spacing="even", steps_offset=0, cfg_channels=3),
+    "latte": dict(spacing="even", steps_offset=0, cfg_channels=None),
+    "latte-t2v": dict(spacing="leading", steps_offset=0, cfg_channels=None),
+    # HunYuan-DiT's official sampler: diffusers' DDPM with steps_offset 1 (t = 991, 981, ..., 1 for 100
+    # steps), guidance on every eps channel (the learned-variance half is dropped first).
+    "hunyuan-dit": dict(spacing="leading", steps_offset=1, cfg_channels=None),
+    # diffusers transformers: their pipelines' schedulers default to leading spacing, offset 0, and
+    # guide every eps channel; pass --spacing / --steps-offset to match a scheduler config that differs.
+    "diffusers-dit": dict(spacing="leading", steps_offset=0, cfg_channels=None),
+    "pixart": dict(spacing="leading", steps_offset=0, cfg_channels=None),
+    "diffusers-latte": dict(spacing="leading", steps_offset=0, cfg_channels=None),
+}
 
-def space_timesteps(num_steps: int, spacing: str) -> list[int]:
-    """improved-diffusion's ``space_timesteps``: ``"250"`` (even strides, rounded) or ``"ddim50"``;
-    ``"leading100"``: diffusers' "leading" spacing with ``steps_offset=1``, the chain HunYuan-DiT's
-    official sampler visits (t = 991, 981, ..., 1 for 100 steps)."""
-    if spacing.startswith("leading"):
-        want = int(spacing[len("leading"):])
-        if not 1 <= want <= num_steps:
-            raise ValueError(f"{spacing!r}: use 1..{num_steps} steps")
-        return [i * (num_steps // want) + 1 for i in range(want) if i * (num_steps // want) + 1 < num_steps]
-    if spacing.startswith("ddim"):
-        want = int(spacing[len("ddim"):])
-        for stride in range(1, num_steps):
-            if len(range(0, num_steps, stride)) == want:
-                return list(range(0, num_steps, stride))
-        raise ValueError(f"cannot make {want} evenly strided DDIM steps out of {num_steps}")
-    count = int(spacing)
-    if not 1 <= count <= num_steps:
-        raise ValueError(f"num_steps={count} is not allowed; use 1..{num_steps}")
-    if count == 1:
-        return [0]
-    stride = (num_steps - 1) / (count - 1)
-    return sorted({round(i * stride) for i in range(count)})
+
+DEFAULT_SAMPLING = dict(spacing="even", steps_offset=0, cfg_channels=None)   # a family with no official code
+
+
+def official_sampling(family: str) -> dict:
+    """The spacing, steps_offset and guided channels of a model family's official sampling code
+    (``DEFAULT_SAMPLING`` for a family registered without one)."""
+    return dict(OFFICIAL.get(family, DEFAULT_SAMPLING))
+
+
+def space_timesteps(num_steps: int, spacing: str, count: int | None = None, steps_offset: int = 0) -> list[int]:
+    """The ``count`` timesteps (ascending) a sampler visits out of ``num_steps`` training steps.
+
+    * ``even``: improved-diffusion's ``space_timesteps(T, str(count))``: a float cursor advanced by
+      (T-1)/(count-1) and rounded, so the chain runs from T-1 to 0 (DDPM-250: 999, 995, ..., 4, 0;
+      DDIM-50: 999, 979, 958, ..., 0);
+    * ``leading``: diffusers' default, ``arange(count) * (T // count) + steps_offset`` (DDIM-50:
+      980, 960, ..., 0), which is improved-diffusion's ``ddim<count>`` whenever that one exists;
+    * ``trailing``: diffusers' ``round(arange(T, 0, -T / count)) - 1`` (DDIM-50: 999, 979, ..., 19).
+
+    The old spellings ``"250"`` and ``"ddim50"`` (improved-diffusion's) are still accepted, and
+    ``"leading100"`` is the leading chain with ``steps_offset=1`` (HunYuan-DiT's: 991, 981, ..., 1)."""
+    if count is None and spacing.startswith("leading"):
+        spacing, count, steps_offset = "leading", int(spacing[len("leading"):]), 1
+    if count is None:                                    # improved-diffusion's string spelling
+        if spacing.startswith("ddim"):
+            want = int(spacing[len("ddim"):])
+            for stride in range(1, num_steps):
+                if len(range(0, num_steps, stride)) == want:
+                    return list(range(0, num_steps, stride))
+            raise ValueError(f"cannot make {want} evenly strided DDIM steps out of {num_steps}")
+        spacing, count = "even", int(spacing)
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+    if not (isinstance(count, int) and 1 <= count <= num_steps):
+        raise ValueError(f"num_steps={count!r} is not allowed; use an integer in 1..{num_steps}")
+    if steps_offset and spacing != "leading":
+        raise ValueError(f"steps_offset={steps_offset} only applies to the leading spacing (diffusers adds it "
+                         f"there alone); spacing {spacing!r} takes steps_offset=0")
+    if spacing == "even":
+        stride = (num_steps - 1) / (count - 1) if count > 1 else 1
+        cur, taken = 0.0, set()
+        for _ in range(count):
+            taken.add(round(cur))
+            cur += stride
+        return sorted(taken)
+    if spacing == "leading":
+        steps = [i * (num_steps // count) + steps_offset for i in range(count)]
+        if steps[-1] >= num_steps:
+            raise ValueError(f"steps_offset={steps_offset} pushes the leading chain to t={steps[-1]}; the largest "
+                             f"timestep is {num_steps - 1}")
+        return steps
+    ratio = num_steps / count
+    return sorted({int(round(num_steps - i * ratio)) - 1 for i in range(count)})
 
 
 @dataclass(frozen=True)
@@ -75,31 +127,48 @@ class SamplerConfig:
     num_steps: int = 250            # sampler iterations (DiT's --num-sampling-steps)
     sampler: str = "ddpm"           # "ddpm" (ancestral, as DiT) or "ddim" (eta below)
     cfg_scale: float = 1.0          # classifier-free guidance; 1.0 runs the conditional branch alone
-    cfg_channels: int | None = None  # eps channels guided; None = all. DiT's sample.py guides 3 (quirk)
+    cfg_channels: int | None = None  # eps channels guided (at most the model's C); None = all. DiT's official: 3
     clip_denoised: bool = False     # clip the predicted x0 to [-1, 1] (DiT: False; pixel models: True)
     eta: float = 0.0                # DDIM noise; 0 is deterministic
+    spacing: str = "even"           # timesteps visited: even (IDDPM, DiT and Latte), leading (diffusers, T2V), trailing
+    steps_offset: int = 0           # diffusers' steps_offset, added to the leading chain (Hunyuan: 1)
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; allowed: {', '.join(SAMPLERS)}")
-        if not (isinstance(self.num_steps, int) and 1 <= self.num_steps <= TRAIN_STEPS):
+        if not (isinstance(self.num_steps, int) and not isinstance(self.num_steps, bool)
+                and 1 <= self.num_steps <= TRAIN_STEPS):
             raise ValueError(f"num_steps={self.num_steps!r} is not allowed; use an integer in 1..{TRAIN_STEPS}")
-        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
+        if not (isinstance(self.cfg_scale, (int, float)) and math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
             raise ValueError(f"cfg_scale={self.cfg_scale!r} is not allowed; use a finite number >= 1 "
                              "(1 disables guidance)")
-        if self.cfg_channels is not None and self.cfg_channels < 1:
-            raise ValueError(f"cfg_channels={self.cfg_channels!r} is not allowed; use None or a positive count")
-        if not 0.0 <= self.eta <= 1.0:
+        if self.cfg_channels is not None and not (isinstance(self.cfg_channels, int) and self.cfg_channels >= 1):
+            raise ValueError(f"cfg_channels={self.cfg_channels!r} is not allowed; use None (all) or a positive count")
+        if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta <= 1.0):
             raise ValueError(f"eta={self.eta!r} is not allowed; use 0..1")
+        if self.eta and self.sampler != "ddim":
+            raise ValueError(f"eta={self.eta!r} is a DDIM setting; the {self.sampler} sampler does not use it")
+        if not (isinstance(self.steps_offset, int) and 0 <= self.steps_offset < TRAIN_STEPS):
+            raise ValueError(f"steps_offset={self.steps_offset!r} is not allowed; use an integer in 0..{TRAIN_STEPS - 1}")
+        space_timesteps(TRAIN_STEPS, self.spacing, self.num_steps, self.steps_offset)   # spacing and offset fit
 
     @property
-    def spacing(self) -> str:
-        return f"ddim{self.num_steps}" if self.sampler == "ddim" else str(self.num_steps)
+    def timesteps(self) -> list[int]:
+        """The visited timesteps, ascending."""
+        return space_timesteps(TRAIN_STEPS, self.spacing, self.num_steps, self.steps_offset)
 
     @property
     def label(self) -> str:
         """The chain's name in attributes and titles, e.g. ``DDPM-250``."""
         return chain_label(self.sampler, self.num_steps)
+
+
+def guided_channels(cfg_channels: int | None, channels: int) -> int:
+    """How many eps channels classifier-free guidance acts on for a model with ``channels`` eps
+    channels: all for None, else ``min(cfg_channels, channels)``. The variance channels of a
+    learned-sigma model are never guided: DiT's official 3 guides eps channels 0..2 of its 4 (the
+    quirk), and all of a model's eps when it has 3 or fewer (the bundled 1-channel digits models)."""
+    return channels if cfg_channels is None else min(cfg_channels, channels)
 
 
 def chain_label(sampler: str, num_steps: int) -> str:
@@ -148,14 +217,17 @@ class Diffusion:
         self.posterior_mean_coef2 = (1.0 - acp) * np.sqrt(1.0 - b) / (1.0 - ac)
 
     @classmethod
-    def respaced(cls, num_steps: int = 250, sampler: str = "ddpm") -> "Diffusion":
-        spacing = f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)
-        return cls(space_timesteps(TRAIN_STEPS, spacing))
+    def respaced(cls, num_steps: int = 250, spacing: str = "even", steps_offset: int = 0) -> "Diffusion":
+        """The chain of ``num_steps`` timesteps spaced by ``spacing`` (see ``space_timesteps``)."""
+        if spacing in SAMPLERS:
+            raise ValueError(f"Diffusion.respaced takes a spacing ({', '.join(SPACINGS)}), not the sampler "
+                             f"{spacing!r}: the chain no longer depends on the sampler")
+        return cls(space_timesteps(TRAIN_STEPS, spacing, num_steps, steps_offset))
 
     @classmethod
     def for_config(cls, config: SamplerConfig, model=None) -> "Diffusion":
         """The chain ``config`` asks for; the process (schedule, prediction) of ``model``'s family."""
-        d = cls(space_timesteps(TRAIN_STEPS, config.spacing))
+        d = cls(config.timesteps)
         return d if model is None else d.for_model(model)
 
     def for_model(self, model) -> "Diffusion":
@@ -247,7 +319,7 @@ class Diffusion:
         null = model.null_condition(y)
         with hooks.cfg_scope(n):
             out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        return guide(out[:n], out[n:], config.cfg_scale, config.cfg_channels or x.shape[1])
+        return guide(out[:n], out[n:], config.cfg_scale, guided_channels(config.cfg_channels, x.shape[1]))
 
     def sample_steps(self, model, shape, y=None, config: SamplerConfig = SamplerConfig(), *,
                      seed: int | None = 0, generator: torch.Generator | None = None,

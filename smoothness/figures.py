@@ -20,7 +20,6 @@ Every figure is written as ``<stem>.png`` with ``<stem>.nc`` (xarray, netCDF) be
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from .analysis import correlate
 from .analysis import dynamics as dyn
 from .analysis import spectral as spec
 from .cache.sweep import SweepConfig, sweep
-from .cli import run_cli
+from .cli import check_out_folder, check_positive, parser, path_arg, run_cli
 from .data.sample import generate
 from .diffusion import SamplerConfig
 from .io_utils import atomic_path, check_writable
@@ -212,21 +211,20 @@ def _times(path: Path) -> dict[str, float]:
 
 # ------------------------------------------------------------------ CLI
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m smoothness.figures", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m smoothness.figures", __doc__)
     p.add_argument("--only", default=",".join(sorted(PAPER)),
                    help=f"figures to make, comma-separated letters (default: all, {','.join(sorted(PAPER))})")
     p.add_argument("--resolution", choices=sorted(RESOLUTIONS), default="default",
                    help="default (<= 15 min on 2 cores) or paper (finer grids, more seeds; hours) (default: default)")
-    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures/)")
+    p.add_argument("--out", type=path_arg, default=Path("figures"), help="output folder (default: figures/)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: 0)")
     args = p.parse_args(argv)
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     bad = [c for c in only if c not in PAPER]
     if bad or not only:
         raise ValueError(f"unknown figure {bad[0] if bad else args.only!r} in --only; allowed: {', '.join(sorted(PAPER))}")
-    if args.threads < 0:
-        raise ValueError(f"--threads={args.threads} is not allowed; use 0 or a positive integer")
+    check_positive(args.threads, "--threads", zero=True)
+    check_out_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     res = RESOLUTIONS[args.resolution]

@@ -232,7 +232,7 @@ def test_config_errors(kw, match):
     (["--method", "magic"], "unknown method 'magic'; allowed: auto"),
     (["--steps", "1,10"], "step 1 has no step 0"),
     (["--steps", "300"], "step 300 is outside the chain; allowed: 1..250"),
-    (["--seeds", "0,0"], "seeds [0, 0] repeat"),
+    (["--seeds", "0,0"], "--seeds '0,0' repeats a value"),
     (["--resamples", "0"], "n_resamples=0 is not allowed"),
     (["--sampler", "euler"], "unknown sampler 'euler'; allowed: ddpm, ddim"),
     (["--threads", "0"], "--threads=0 is not allowed"),

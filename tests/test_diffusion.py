@@ -130,7 +130,7 @@ def test_ddpm_250_chain():
 
 
 def test_ddim_50_chain():
-    assert Diffusion.respaced(50, "ddim").chain == list(range(980, -1, -20))
+    assert Diffusion.respaced(50, "leading").chain == list(range(980, -1, -20))
 
 
 def test_respacing_keeps_alpha_bar():
@@ -165,12 +165,14 @@ def test_ddpm_chain_matches_reference(tiny, clip):
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_chain_matches_reference(tiny, eta):
-    d = Diffusion.respaced(10, "ddim")
-    assert d.chain == list(range(900, -1, -100))
-    cfg = SamplerConfig(num_steps=10, sampler="ddim", eta=eta)
+@pytest.mark.parametrize("spacing, chain", [("leading", list(range(900, -1, -100))), ("even", sorted(TEN, reverse=True)),
+                                            ("trailing", list(range(999, 0, -100)))])
+def test_ddim_chain_matches_reference(tiny, eta, spacing, chain):
+    cfg = SamplerConfig(num_steps=10, sampler="ddim", eta=eta, spacing=spacing)
+    d = Diffusion.for_config(cfg)
+    assert d.chain == chain
     steps = list(d.sample_steps(tiny, SHAPE, Y, cfg, seed=5))
-    assert_steps_match(steps, reference_ddim(tiny, list(range(0, 1000, 100)), seed=5, eta=eta))
+    assert_steps_match(steps, reference_ddim(tiny, chain, seed=5, eta=eta))
 
 
 def test_steps_are_one_based_with_timesteps():

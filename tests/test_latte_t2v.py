@@ -41,6 +41,7 @@ def official_t2v_keys() -> dict[str, tuple]:
         "adaln_single.linear.weight": (6 * H, H), "adaln_single.linear.bias": (6 * H,),
         "caption_projection.linear_1.weight": (H, C), "caption_projection.linear_1.bias": (H,),
         "caption_projection.linear_2.weight": (H, H), "caption_projection.linear_2.bias": (H,),
+        "caption_projection.y_embedding": (120, C),          # PixArt's learned null caption (a buffer)
         "proj_out.weight": (2 * 2 * 8, H), "proj_out.bias": (2 * 2 * 8,),
         "scale_shift_table": (2, H),
     }
@@ -291,7 +292,7 @@ def tiny4():
                       std=0.1).eval()
 
 
-DDIM50 = SamplerConfig(num_steps=50, sampler="ddim", cfg_scale=4.0)
+DDIM50 = SamplerConfig(num_steps=50, sampler="ddim", cfg_scale=4.0, spacing="leading")   # the T2V pipeline's chain
 
 
 def test_ddim50_sampling_is_guided_by_the_null_condition(tiny4):
@@ -367,6 +368,10 @@ def test_sample_cli_text_to_video(tmp_path):
     assert (tmp_path / "samples_t2v_DDIM-3.png").stat().st_size > 1000
     torch.save(torch.randn(3, 7), tmp_path / "wide.pt")
     assert run_cli(sample.main, argv[:3] + [str(tmp_path / "wide.pt")] + argv[6:]) == 2
+    learned = argv[:5] + ["learned"] + argv[6:] + ["--cfg-scale", "2", "--overwrite"]   # another configuration
+    assert run_cli(sample.main, learned) == 2                      # Mini's y_embedding has 4 tokens, captions 3
+    torch.save(torch.randn(2, 4, 32), tmp_path / "caps.pt")
+    assert run_cli(sample.main, learned) == 0
 
 
 def test_cache_sweep_cli_text_to_video(tmp_path, capsys):
@@ -386,12 +391,13 @@ def test_cache_sweep_cli_text_to_video(tmp_path, capsys):
     ds = xr.open_dataset(tmp_path / "s.nc", engine="h5netcdf")
     assert ds.attrs["captions"] == 2 and ds.attrs["caption_tokens"] == 5 and ds.attrs["cfg_scale"] == 7.5
     assert len(ds.attrs["caption_sha256"]) == 64 and "classes" not in ds.attrs
+    assert (ds.attrs["spacing"], ds.attrs["steps_offset"], ds.attrs["cfg_channels"]) == ("leading", 0, -1)   # the T2V pipeline's
     cached = ds.sel({"method": "skip-cache"}).squeeze()
     assert int(cached.full_steps) == 2 and np.isfinite(float(cached.psnr))
     from smoothness.cache import CacheConfig
     from smoothness.diffusion import Diffusion
     want = flops.theoretical_speedup(model, CacheConfig(method="skip-cache", interval=2, k=1),
-                                     Diffusion.respaced(4).chain, caption_tokens=5)
+                                     Diffusion.respaced(4, "leading").chain, caption_tokens=5)
     assert float(cached.theoretical_speedup) == pytest.approx(want) and want > 1.2
     ds.close()
     capsys.readouterr()
@@ -496,8 +502,60 @@ def test_surface_cli_with_caption_embeds(tmp_path):
     argv = ["--ckpt", str(tmp_path / "t2v.pt"), "--num-steps", "3", "--sampler", "ddim", "--steps", "3",
             "--grid=-0.2:0.2:3", "--out", str(tmp_path / "out")]
     assert run_cli(surface_cli.main, argv + ["--caption-embeds", str(tmp_path / "cap.pt")]) == 0
-    assert (tmp_path / "out" / "surface_t2v_step3.nc").exists()
+    import xarray as xr
+    with xr.open_dataset(tmp_path / "out" / "surface_t2v_step3.nc", engine="h5netcdf") as ds:
+        assert ds.attrs["spacing"] == "leading" and ds.timestep.values.tolist() == [0]   # DDIM-3 leading: 666, 333, 0
     assert run_cli(surface_cli.main, argv + ["--out", str(tmp_path / "none")]) == 2          # no caption
     assert not list((tmp_path / "none").glob("*.nc"))
     assert run_cli(surface_cli.main, ["--model", "digits-dit", "--caption-embeds", str(tmp_path / "cap.pt"),
                                   "--out", str(tmp_path / "img")]) == 2
+
+
+# ------------------------------------------------------------- the learned null caption (y_embedding)
+def test_plain_layout_keys_are_the_official_ones_without_skips():
+    want = {k: v for k, v in official_t2v_keys().items() if not k.startswith(("skip_norms", "skip_linears"))}
+    have = {k: tuple(v.shape) for k, v in build("LatteT2V-XL/2", device="meta").state_dict().items()}
+    assert have == want and "caption_projection.y_embedding" in have
+
+
+@pytest.mark.parametrize("skips", [False, True])
+def test_y_embedding_loads_strictly_and_is_the_learned_negative(tmp_path, skips):
+    src = build("LatteT2V-Mini/2" + ("-skip" if skips else ""), caption_tokens=5).eval()
+    sd = src.state_dict()
+    assert sd["caption_projection.y_embedding"].shape == (5, 32)
+    torch.save({"ema": sd}, tmp_path / "t2v.pt")
+    model = load_model(tmp_path / "t2v.pt")
+    assert model.config.caption_tokens == 5 and model.config.skips == skips
+    assert torch.equal(model.caption_projection.y_embedding, sd["caption_projection.y_embedding"])
+    y = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    model.set_negative_embeds("learned")
+    null = model.null_condition(y)
+    assert torch.equal(null, sd["caption_projection.y_embedding"].expand(2, 5, 32))
+    # CFG's unconditional half is the model on y_embedding: one guided call against two plain ones.
+    x, t = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500, 500])
+    with torch.no_grad():
+        got = Diffusion.respaced(2).model_output(model, x, t, y, SamplerConfig(num_steps=2, cfg_scale=3.0))
+        cond, uncond = model(x, t, y), model(x, t, null)
+    want = torch.cat([uncond[:, :4] + 3.0 * (cond[:, :4] - uncond[:, :4]), cond[:, 4:]], dim=1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="negative embeddings have 5 tokens but the captions have 3"):
+        model.null_condition(y[:, :3])
+
+
+def test_checkpoint_without_y_embedding_loads_and_refuses_learned(tmp_path):
+    sd = build("LatteT2V-Mini/2").state_dict()
+    del sd["caption_projection.y_embedding"]
+    torch.save(sd, tmp_path / "old.pt")
+    model = load_model(tmp_path / "old.pt")
+    assert model.config.caption_tokens == 0 and not hasattr(model.caption_projection, "y_embedding")
+    with pytest.raises(ValueError, match="'learned' needs a checkpoint with caption_projection.y_embedding"):
+        model.set_negative_embeds("learned")
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    sd = build("LatteT2V-Mini/2").state_dict()
+    sd["transformer_blocks.1.attn2.to_v.weight"][0, 3] = float("nan")
+    sd["proj_out.bias"][0] = float("inf")
+    torch.save(sd, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=r"tensor 'transformer_blocks\.1\.attn2\.to_v\.weight' holds 1 NaN/Inf"):
+        load_model(tmp_path / "nan.pt")

@@ -60,7 +60,7 @@ def test_planner_meets_the_budget_exactly_in_macs(tiny_skip, budget):
     S = 12
     prof = synthetic_profile(np.linspace(0.01, 0.1, S))
     p = plan(tiny_skip, prof, budget, Calibration(1.0, 1.0), PlanConfig(max_run=10))
-    timesteps = Diffusion.respaced(S, "ddpm").chain
+    timesteps = Diffusion.respaced(S).chain
     macs = schedule_cost(tiny_skip, p.config, timesteps).attrs
     # independent count: per-step MACs from the per-call counts
     shape = Shape.of(tiny_skip)

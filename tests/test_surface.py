@@ -51,7 +51,8 @@ def _inputs(model, rows=2):
 def test_origin_reproduces_model_and_grid_points_differ(pair, mode, site):
     model = pair[1].model
     x, t, y = _inputs(model)
-    engine = GridEngine(model, Perturbation(mode, DirectionSpec(params="all"), site))
+    engine = GridEngine(model, Perturbation(mode, DirectionSpec(params="all") if mode == "weights" else DirectionSpec(),
+                                            site))
     with torch.no_grad():
         out = engine.forward(x, t, y, (torch.tensor([0.0, 0.2]), torch.tensor([0.0, -0.1])))
         ref = model(x, t, y)
@@ -171,7 +172,8 @@ def test_resume_inside_a_model_redoes_no_finished_chunk_and_is_bit_identical(pai
                                                  ("features", "blocks.1", 1.0), ("latent", None, 1.0)])
 def test_steps_evaluated_together_equal_each_step_alone(pair, mode, site, cfg_scale):
     """Local mode stacks every step's x_t as rows of one forward; each step alone gives the same."""
-    cfg = _cfg(perturbation=Perturbation(mode, DirectionSpec(params="all"), site),
+    directions = DirectionSpec(params="all") if mode == "weights" else DirectionSpec()
+    cfg = _cfg(perturbation=Perturbation(mode, directions, site),
                sampler=SamplerConfig(num_steps=6, clip_denoised=True, cfg_scale=cfg_scale))
     quiet = dict(progress=False, log=lambda *_: None)
     together = surface.compute(pair[1:], cfg, **quiet)["surface"]

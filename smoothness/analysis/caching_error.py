@@ -65,6 +65,10 @@ class CachingErrorConfig:
                              f"allowed: steps {self.lag + 1}..{self.sampler.num_steps}")
         chain.check_steps(list(self.steps), self.sampler)
         chain.check_seeds(self.seeds)
+        if 2 * self.window + 1 > self.sampler.num_steps - 1:     # steps 2..N can be cached; step 1 is always full
+            raise ValueError(f"window={self.window} caches {2 * self.window + 1} steps, more than the "
+                             f"{self.sampler.num_steps - 1} cacheable steps of a {self.sampler.num_steps}-step chain; "
+                             f"allowed: 0..{(self.sampler.num_steps - 2) // 2}")
 
     def method_for(self, model) -> str:
         if self.method != "auto":
@@ -172,5 +176,8 @@ def caching_errors(models, cfg: CachingErrorConfig, log=None) -> xr.DataArray:
                 "seed": seeds, "error": list(ERRORS),
                 "error_units": ("error", [v[1] for v in ERRORS.values()]),
                 "error_long_name": ("error", [v[0] for v in ERRORS.values()]),
-                "method": ("model", [caches[e.label].method for e in entries])},
+                "method": ("model", [caches[e.label].method for e in entries]),
+                "window_first": ("step", [cfg.window_of(s)[0] for s in steps], {"long_name": "first cached step"}),
+                "window_last": ("step", [cfg.window_of(s)[1] for s in steps], {"long_name": "last cached step "
+                                "(windows are clipped to the chain)"})},
         name="caching_error", attrs={"long_name": "caching error", "lag": cfg.lag, "window": cfg.window, "k": cfg.k})

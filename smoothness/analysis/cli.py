@@ -9,7 +9,6 @@ cores), writes ``<name>.nc`` (this Dataset), ``<name>_surface.nc`` (the surfaces
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -22,17 +21,12 @@ import xarray as xr
 
 from .. import chain
 from ..cache import CacheConfig
-from ..cli import add_model_args, parse_int_list
+from ..cli import (add_model_args, add_sampler_args, check_name, check_out_folder, check_positive, check_sampler_flags,
+                   model_names, official_sampler, parse_int_list, parser, path_arg, sampler_flags)
 from ..diffusion import SAMPLERS, SamplerConfig
-from ..io_utils import (
-    atomic_path,
-    check_writable,
-    fingerprint,
-    guard_results,
-    remove_stale_temporaries,
-    run_name,
-)
-from ..models import Captions, bundled, load_entries
+from ..io_utils import (atomic_path, check_writable, fingerprint, guard_results, remove_stale_temporaries,
+                        run_name)
+from ..models import Captions, load_entries
 from ..plots.analysis import correlation_scatter
 from ..surface import SurfaceConfig, io
 from ..surface import dataset as surface_dataset
@@ -46,8 +40,7 @@ def _parser():
     d = CorrelateConfig()
     s = d.surface
     about = correlate.__doc__.split("\n\n", 2)[2]            # the measurement, without the Python example
-    p = argparse.ArgumentParser(prog="python -m smoothness.correlate", description=f"{__doc__}\n{about}",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m smoothness.correlate", f"{__doc__}\n{about}")
     a = p.add_argument
     add_model_args(p)
     a("--steps", default=",".join(map(str, s.steps)), help=f"sampler steps, 1-based (default: {','.join(map(str, s.steps))})")
@@ -76,11 +69,12 @@ def _parser():
     a("--jobs", type=int, default=2, help="models computed side by side, one process each (default: 2, the "
       "bundled pair on two cores)")
     a("--threads", type=int, default=1, help="torch CPU threads per process (default: 1: the models are small)")
-    a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
+    a("--out", type=path_arg, default=Path("results"), help="output folder (default: results/)")
     a("--name", default=None, help="file stem inside --out (default: describes the run, e.g. "
       "correlate_digits-dit_digits-skip-dit)")
     a("--overwrite", action="store_true", help="replace a finished result of a different configuration "
       "(default: refuse)")
+    add_sampler_args(p)
     return p
 
 
@@ -91,15 +85,20 @@ def config_from_args(args) -> CorrelateConfig:
         raise ValueError(f"unknown --score {args.score!r}; allowed: {', '.join(SCORES)}")
     if args.error not in ERRORS:
         raise ValueError(f"unknown --error {args.error!r}; allowed: {', '.join(ERRORS)}")
-    if args.threads < 1:
-        raise ValueError(f"--threads={args.threads} is not allowed; use a positive integer")
+    check_positive(args.threads, "--threads")
+    check_positive(args.jobs, "--jobs")
+    check_out_folder(args.out)
+    if args.name is not None:
+        check_name(args.name)
+    given = sampler_flags(args)
+    check_sampler_flags(given, args.cfg_scale)
     sampler = SamplerConfig(num_steps=args.num_steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
-                            clip_denoised=d.surface.sampler.clip_denoised)
+                            clip_denoised=d.surface.sampler.clip_denoised, **given)
     pert = replace(d.surface.perturbation, directions=DirectionSpec(seed=args.direction_seed))
     grid = Axis.parse(args.grid, "alpha grid")
     surf = SurfaceConfig(steps=tuple(sorted(set(parse_int_list(args.steps, "--steps")))), sampler=sampler,
                          alpha=grid, beta=Axis.parse(args.grid, "beta grid"), perturbation=pert,
-                         seeds=tuple(parse_int_list(args.seeds, "--seeds")), class_label=args.class_label,
+                         seeds=tuple(parse_int_list(args.seeds, "--seeds", unique=True)), class_label=args.class_label,
                          caption_embeds=Captions.of(args.caption_embeds))
     return CorrelateConfig(surface=surf, method=args.method, k=args.k, lag=args.lag, window=args.window,
                            n_resamples=args.resamples, confidence=args.confidence, bootstrap_seed=args.bootstrap_seed)
@@ -125,12 +124,12 @@ def _run(names, num_heads, cfg: CorrelateConfig, jobs: int, threads: int):
 def main(argv=None):
     args = _parser().parse_args(argv)
     cfg = config_from_args(args)
-    if args.jobs < 1:
-        raise ValueError(f"--jobs={args.jobs} is not allowed; use a positive integer")
+    names = model_names(args)
     out = check_writable(args.out)
     torch.set_num_threads(args.threads)
-    names = (args.model or []) + (args.ckpt or []) or list(bundled.DEFAULT_PAIR)
     entries = load_entries(names, args.num_heads)
+    sampler = official_sampler(cfg.surface.sampler, [e.model for e in entries], sampler_flags(args))
+    cfg = replace(cfg, surface=replace(cfg.surface, sampler=sampler))
     for e in entries:                                                  # validate before any work
         CacheConfig(method=cfg.method_for(e.model), k=cfg.k).check(e.model)
         chain.labels(e.model, cfg.surface.class_label, who=e.label, captions=cfg.surface.captions)

@@ -14,7 +14,6 @@ without skip branches is left empty (NaN): use deep-reuse there.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import re
 import time
@@ -26,7 +25,8 @@ import xarray as xr
 
 from .. import chain
 from ..chain import config_json
-from ..cli import add_model_args, parse_int_list
+from ..cli import (add_model_args, add_sampler_args, check_name, check_out_folder, check_positive, check_sampler_flags,
+                   model_names, official_sampler, parse_int_list, parser, path_arg, sampler_flags)
 from ..diffusion import SAMPLERS, SamplerConfig
 from ..io_utils import (atomic_path, check_writable, fingerprint, guard_results, remove_stale_temporaries,
                         run_name)
@@ -55,19 +55,18 @@ def parse_windows(text: str) -> list[tuple[int, int]]:
 
 def _parser():
     d = SweepConfig()
-    p = argparse.ArgumentParser(prog="python -m smoothness.cache", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m smoothness.cache", __doc__)
     a = p.add_argument
     add_model_args(p)
     a("--methods", default=",".join(SWEEP_METHODS),
       help=f"comma-separated, from {', '.join(SWEEP_METHODS)} (default: all four; none is the reference)")
     a("--intervals", "--cache-interval", dest="intervals", default=",".join(map(str, d.intervals)),
       help=f"N values (default: {','.join(map(str, d.intervals))})")
-    a("--k", default=",".join(map(str, d.ks)),
+    a("--k", default=None,
       help=f"units recomputed on each side, comma-separated (default: {','.join(map(str, d.ks))})")
-    a("--windows", default="20-1000", help="STOP-START pairs: cache while STOP < t < START, comma-separated "
+    a("--windows", default=None, help="STOP-START pairs: cache while STOP < t < START, comma-separated "
       "(default: 20-1000, the official DiT rule)")
-    a("--stop-rule", choices=["le", "lt"], default="le", help="reset after t <= STOP (le, DiT) or t < STOP "
+    a("--stop-rule", choices=["le", "lt"], default=None, help="reset after t <= STOP (le, DiT) or t < STOP "
       "(lt, Latte c2v) (default: le)")
     a("--preset", default=None, help="official settings: dit-c2i (k=4, 20-1000, le), latte-c2v (k=1, 50-900, lt), "
       "latte-t2v (k=1, 50-700, le), hunyuan (k=1, 50-700, le) or N<interval>-<start>-<stop>, e.g. N2-700-50; "
@@ -82,28 +81,38 @@ def _parser():
     a("--classes", default=None, help="class labels (default: 0..9; not allowed for unconditional models)")
     a("--per-class", type=int, default=d.per_class, help="samples per class; unconditional models draw 10 x this "
       f"many, text-to-video models this many per caption (default: {d.per_class})")
-    a("--caption-embeds", type=Path, default=None, metavar="FILE",
+    a("--caption-embeds", type=path_arg, default=None, metavar="FILE",
       help="text-to-video checkpoints: caption embeddings (L, C) or (N, L, C), .pt or .safetensors; their "
            "sha256 goes into the attributes (default: none)")
     a("--threads", type=int, default=1, help="torch CPU threads (default: 1; the digits models are small, and "
       "one thread is robust on a shared CPU)")
-    a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
+    a("--out", type=path_arg, default=Path("results"), help="output folder (default: results/)")
     a("--name", default=None, help="file stem inside --out (default: describes the run, e.g. "
       "cache_sweep_digits-dit_digits-skip-dit_DDPM-50)")
     a("--overwrite", action="store_true", help="replace a finished result of a different configuration "
       "(default: refuse)")
+    add_sampler_args(p)
     return p
 
 
 def _grid(args):
     """(methods, intervals, ks, windows, stop_inclusive) from the flags, the preset applied."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ValueError(f"--methods {args.methods!r} is empty; allowed: {', '.join(SWEEP_METHODS)}")
     for m in methods:
         if m not in SWEEP_METHODS:
             raise ValueError(f"unknown method {m!r} in --methods; allowed: {', '.join(SWEEP_METHODS)}")
-    intervals, ks = parse_int_list(args.intervals, "--intervals"), parse_int_list(args.k, "--k")
-    windows, stop_rule = parse_windows(args.windows), args.stop_rule
-    if args.preset:
+    d = SweepConfig()
+    intervals = parse_int_list(args.intervals, "--intervals", unique=True)
+    ks = parse_int_list(args.k if args.k is not None else ",".join(map(str, d.ks)), "--k", unique=True)
+    windows = parse_windows(args.windows if args.windows is not None else "20-1000")
+    stop_rule = args.stop_rule or "le"
+    if args.preset is not None:
+        replaced = [f for f, v in (("--k", args.k), ("--windows", args.windows), ("--stop-rule", args.stop_rule))
+                    if v is not None]
+        if replaced:
+            raise ValueError(f"--preset {args.preset!r} sets {', '.join(replaced)}; give one or the other")
         k, rule = preset(args.preset, intervals[0])
         ks, windows, stop_rule = [k], [(rule.t_stop, rule.t_start)], "le" if rule.stop_inclusive else "lt"
         if re.match(r"N\d", args.preset):
@@ -159,20 +168,28 @@ def _sampler(args, models: dict, captions) -> SamplerConfig:
 def main(argv=None):
     args = _parser().parse_args(argv)
     methods, intervals, ks, windows, stop_inclusive = _grid(args)
-    classes = parse_int_list(args.classes or "0,1,2,3,4,5,6,7,8,9", "--classes")
-    seeds = parse_int_list(args.seed, "--seed")
-    if args.per_class < 1:
-        raise ValueError(f"--per-class={args.per_class} is not allowed; use a positive integer")
-    if args.threads < 1:
-        raise ValueError(f"--threads={args.threads} is not allowed; use a positive integer")
-    torch.set_num_threads(args.threads)
+    classes = parse_int_list(args.classes if args.classes is not None else "0,1,2,3,4,5,6,7,8,9", "--classes",
+                             unique=True)
+    seeds = parse_int_list(args.seed, "--seed", unique=True)
+    check_positive(args.per_class, "--per-class")
+    check_positive(args.threads, "--threads")
+    check_out_folder(args.out)
+    if args.name is not None:
+        check_name(args.name)
+    names = model_names(args)
+    given = sampler_flags(args)
+    SamplerConfig(num_steps=args.num_sampling_steps, sampler=args.sampler,      # the chain flags, checked early
+                  cfg_scale=1.0 if args.cfg_scale is None else args.cfg_scale, **given)
     for n, k, (stop, start) in itertools.product(intervals, ks, windows):   # validate before any work
         CacheConfig(interval=n, k=k, t_stop=stop, t_start=start)
+    torch.set_num_threads(args.threads)
     out = check_writable(args.out)
-    names = (args.model or []) + (args.ckpt or []) or list(bundled.DEFAULT_PAIR)
     captions = Captions.of(args.caption_embeds)
     models = _load_models(names, args, captions, ks)
-    cfg = SweepConfig(sampler=_sampler(args, models, captions), methods=methods, intervals=intervals, ks=ks,
+    sampler = _sampler(args, models, captions)
+    check_sampler_flags(given, sampler.cfg_scale)
+    sampler = official_sampler(sampler, models.values(), given)
+    cfg = SweepConfig(sampler=sampler, methods=methods, intervals=intervals, ks=ks,
                       windows=windows, seeds=seeds, classes=classes, per_class=args.per_class,
                       stop_inclusive=stop_inclusive, captions=captions)
     sums = [sha256(bundled.weight_path(n) if n in bundled.BUNDLED else Path(n)) for n in names]
@@ -185,7 +202,8 @@ def main(argv=None):
     t0 = time.time()
     ds = sweep(models, cfg)
     ds.attrs.update(models=",".join(str(n) for n in names), sha256=",".join(sums), fingerprint=fp,
-                    preset=args.preset or "", methods=",".join(methods), seconds_total=time.time() - t0)
+                    preset=args.preset or "", methods=",".join(methods), seconds_total=time.time() - t0,
+                    **chain.sampler_attrs(sampler))
     if captions is not None:
         ds.attrs.update(**captions.attrs(), captions=len(captions.embeds), caption_tokens=captions.embeds.shape[1])
         del ds.attrs["classes"]

@@ -7,7 +7,6 @@ penultimate layer, 64-d) is the embedding used for the Frechet distance in ``smo
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cli import run_cli
+from ..cli import check_positive, parser, path_arg, run_cli
 from ..io_utils import atomic_path
 from ..models.bundled import weight_path
 from . import digits as data
@@ -83,12 +82,12 @@ def load(path: str | Path | None = None) -> DigitClassifier:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m smoothness.data.classifier", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="where to write the classifier (.pt)")
+    p = parser("python -m smoothness.data.classifier", __doc__)
+    p.add_argument("--out", type=path_arg, required=True, help="where to write the classifier (.pt)")
     p.add_argument("--epochs", type=int, default=30, help="(default: 30)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     args = p.parse_args(argv)
+    check_positive(args.epochs, "--epochs")
     model = train(args.epochs, args.seed)
     save(model, args.out)
     print(f"held-out accuracy {accuracy(model, data.load('test')):.4f}; wrote {args.out}")

@@ -18,7 +18,6 @@ which is not bundled.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,8 @@ from tqdm.auto import tqdm
 
 from .. import chain, metrics
 from ..chain import config_json
-from ..cli import parse_int_list, run_cli
+from ..cli import (add_sampler_args, check_out_folder, check_positive, check_sampler_flags, model_names,
+                   official_sampler, parse_int_list, parser, path_arg, run_cli, sampler_flags)
 from ..diffusion import SAMPLERS, Diffusion, SamplerConfig
 from ..io_utils import (
     atomic_path,
@@ -86,11 +86,10 @@ def generate_text(model, captions: torch.Tensor, per_caption: int, config: Sampl
 
 def _parser():
     d = QUICK
-    p = argparse.ArgumentParser(prog="python -m smoothness.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m smoothness.sample", __doc__)
     p.add_argument("--model", action="append", metavar="NAME",
                    help=f"bundled model, repeatable (default: {' and '.join(bundled.DEFAULT_PAIR)})")
-    p.add_argument("--ckpt", action="append", type=Path, metavar="PATH",
+    p.add_argument("--ckpt", action="append", type=path_arg, metavar="PATH",
                    help="checkpoint path, repeatable; its model is built by config inference")
     p.add_argument("--num-heads", type=int, default=None, help="override heads for --ckpt (default: by width)")
     p.add_argument("--num-sampling-steps", type=int, default=None, help=f"(default: {d.num_steps})")
@@ -102,7 +101,7 @@ def _parser():
                    "unconditional models, which draw 10 x --per-class samples)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
+    p.add_argument("--out", type=path_arg, default=Path("results"), help="output folder (default: results/)")
     p.add_argument("--overwrite", action="store_true", help="replace samples of a different configuration "
                    "(default: refuse)")
     p.add_argument("--score-samples", type=int, default=0, metavar="N",
@@ -111,28 +110,27 @@ def _parser():
                         "models, N videos and the classifier's confidence and label consistency per frame "
                         "(default: 0, off)")
     p.add_argument("--batch-size", type=int, default=250, help="samples per batch when scoring (default: 250)")
-    p.add_argument("--caption-embeds", type=Path, metavar="FILE",
+    p.add_argument("--caption-embeds", type=path_arg, metavar="FILE",
                    help="caption embeddings (L, C) or (N, L, C), .pt or .safetensors, for text-to-video checkpoints")
-    p.add_argument("--negative-embeds", type=Path, metavar="FILE",
-                   help="negative-prompt embedding (L, C), the CFG unconditional input (default: zeros)")
+    p.add_argument("--negative-embeds", metavar="FILE|learned",
+                   help="negative-prompt embedding (L, C), the CFG unconditional input, or 'learned': the "
+                        "checkpoint's caption_projection.y_embedding (PixArt's null caption) (default: zeros)")
+    add_sampler_args(p)
     return p
 
 
 def _load_models(args, captions, negative) -> list:
     """[(name, model)], each checked against the flags before any sampling."""
-    names = (args.model or []) + [str(c) for c in (args.ckpt or [])] or list(bundled.DEFAULT_PAIR)
-    models = [(n, bundled.load(n, num_heads=args.num_heads)) for n in names]   # fail before any work
+    models = [(n, bundled.load(n, num_heads=args.num_heads)) for n in model_names(args)]   # fail before any work
     for n, model in models:
         if args.score_samples:
             _check_scorable(model, n)
         if not model.config.num_classes and args.classes is not None:
             raise ValueError(f"--classes {args.classes} given, but {n} is unconditional (no class labels)")
-    if negative is not None and captions is None:
-        raise ValueError("--negative-embeds needs --caption-embeds")
     for name, model in models:
         chain.check_captions_for(model, captions, name)
         if captions is not None:
-            model.set_negative_embeds(chain.embeds(negative))
+            model.set_negative_embeds(negative if isinstance(negative, str) else chain.embeds(negative))
     return models
 
 
@@ -163,32 +161,49 @@ def _draw(model, label: str, classes, args, config: SamplerConfig, captions, out
     return samples, [stem.with_suffix(".png")] + written
 
 
-def _chain(args) -> SamplerConfig:
-    """The sampler: the quick default, ``--ddpm-250``, or what --sampler / --num-sampling-steps say."""
+def _chain(args, given: dict) -> SamplerConfig:
+    """The sampler: the quick default, ``--ddpm-250``, or what --sampler / --num-sampling-steps say;
+    ``given``: the spacing and guidance flags the user set."""
     if args.ddpm_250 and (args.sampler is not None or args.num_sampling_steps is not None):
         raise ValueError("--ddpm-250 sets the chain; give it without --sampler / --num-sampling-steps")
     base = PAPER if args.ddpm_250 else QUICK
     return SamplerConfig(num_steps=base.num_steps if args.num_sampling_steps is None else args.num_sampling_steps,
-                         sampler=args.sampler or base.sampler, cfg_scale=args.cfg_scale, clip_denoised=True)
+                         sampler=args.sampler or base.sampler, cfg_scale=args.cfg_scale, clip_denoised=True, **given)
+
+
+def _check_args(args):
+    """Every flag on its own, before any model is loaded."""
+    model_names(args)
+    check_positive(args.per_class, "--per-class")
+    check_positive(args.score_samples, "--score-samples", zero=True)
+    check_positive(args.batch_size, "--batch-size")
+    check_out_folder(args.out)
+    if args.negative_embeds is not None and args.caption_embeds is None:
+        raise ValueError("--negative-embeds needs --caption-embeds")
+    if args.negative_embeds is not None and not args.negative_embeds.strip():
+        raise ValueError("--negative-embeds '' is empty; give a file or learned")
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    classes = parse_int_list(args.classes or "0,1,2,3,4,5,6,7,8,9", "--classes")
-    if args.per_class < 1:
-        raise ValueError(f"--per-class={args.per_class} is not allowed; use a positive integer")
-    config = _chain(args)
+    classes = parse_int_list(args.classes if args.classes is not None else "0,1,2,3,4,5,6,7,8,9", "--classes")
+    _check_args(args)
+    given = sampler_flags(args)
+    check_sampler_flags(given, args.cfg_scale)
+    config = _chain(args, given)
+    captions = Captions.of(args.caption_embeds)
+    negative = "learned" if args.negative_embeds == "learned" else Captions.of(args.negative_embeds)
     out = check_writable(args.out)
-    captions, negative = Captions.of(args.caption_embeds), Captions.of(args.negative_embeds)
     models = _load_models(args, captions, negative)
     jobs = []
     for name, model in models:                                   # every output checked before any sampling
-        model_config = config if bundled.is_pixel(model) else SamplerConfig(
-            num_steps=config.num_steps, sampler=config.sampler, cfg_scale=config.cfg_scale)
+        model_config = official_sampler(SamplerConfig(**{**config.__dict__, "clip_denoised": bundled.is_pixel(model)}),
+                                        [model], given)
         label = bundled.label(name)
         png = out / f"samples_{label}_{model_config.label}.png"
         fp = fingerprint(config_json(model_config), classes, args.per_class, args.seed, name,
-                         captions.sha256 if captions is not None else "", negative.sha256 if negative else "")
+                         captions.sha256 if captions is not None else "",
+                         negative if isinstance(negative, str) or negative is None else negative.sha256)
         guard_results([png], fp, args.overwrite)
         remove_stale_temporaries(png.with_suffix(ext) for ext in (".png", ".gif", ".pt"))
         jobs.append((name, model, label, model_config, fp))

@@ -11,7 +11,6 @@ uninterrupted run.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -23,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from ..cli import run_cli
+from ..cli import check_finite, check_positive, parser, path_arg, run_cli
 from ..diffusion import Diffusion
 from ..io_utils import atomic_path
 from ..models import build, bundled, model_names, read_state_dict
@@ -48,9 +47,29 @@ class TrainConfig:
 DATASETS = ("digits", "moving-digits", "moving-digits-all")
 
 
-def _state(model, ema, opt, step, gen, losses):
+def _state(model, ema, opt, step, gen, losses, cfg: TrainConfig):
     return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-            "rng": gen.get_state(), "losses": torch.tensor(losses, dtype=torch.float64)}
+            "rng": gen.get_state(), "losses": torch.tensor(losses, dtype=torch.float64),
+            "config": json.dumps(_run_settings(cfg), sort_keys=True)}
+
+
+def _run_settings(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share with the saved one (threads may differ, steps may grow)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("threads", "steps")}
+
+
+def _check_resumable(st: dict, cfg: TrainConfig, path: Path):
+    """Refuse a training state of another model, data, batch size or recipe, naming what differs."""
+    saved = json.loads(st["config"]) if isinstance(st.get("config"), str) else None
+    if saved is None:
+        raise ValueError(f"{str(path)!r} records no training settings; it cannot be checked, so it is not resumed "
+                         "(delete it to start over)")
+    now = _run_settings(cfg)
+    diff = [f"{k}={saved.get(k)!r} there, {now[k]!r} now" for k in now if saved.get(k) != now[k]]
+    if diff:
+        raise ValueError(f"{str(path)!r} is the state of another run ({'; '.join(diff)}); delete it or use those settings")
+    if int(st["step"]) > cfg.steps:
+        raise ValueError(f"{str(path)!r} is at step {int(st['step'])}, past --steps {cfg.steps}")
 
 
 def _setup(cfg: TrainConfig, video: bool):
@@ -113,6 +132,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, save_every: int = 2
     state_path = out.with_suffix(".state.pt")
     if resume and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
+        _check_resumable(st, cfg, state_path)
         model.load_state_dict(st["model"]); ema.load_state_dict(st["ema"]); opt.load_state_dict(st["opt"])
         gen.set_state(st["rng"]); step = int(st["step"]); losses = st["losses"].tolist()
         log(f"resumed from {state_path} at step {step}")
@@ -130,7 +150,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, save_every: int = 2
             log(f"step {step}/{cfg.steps}  loss {recent:.4f}  {time.time() - t0:.0f}s")
         if step % save_every == 0 and step < cfg.steps:
             with atomic_path(state_path) as tmp:
-                torch.save(_state(model, ema, opt, step, gen, losses), tmp)
+                torch.save(_state(model, ema, opt, step, gen, losses, cfg), tmp)
     meta = {"train_config": json.dumps(asdict(cfg)), "losses": torch.tensor(losses, dtype=torch.float32),
             "num_heads": model.config.num_heads,
             "data": (f"moving digits ({'any digit' if glyphs == 'all' else 'the ten class medoids'} of the "
@@ -156,8 +176,7 @@ def loss_curves(checkpoints: dict[str, Path]) -> dict[str, np.ndarray]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m smoothness.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m smoothness.train", __doc__)
     d = TrainConfig()
     p.add_argument("--model", default=d.model, choices=model_names(), metavar="NAME",
                    help=f"registry name, '-skip' for Skip-DiT (default: {d.model})")
@@ -169,12 +188,13 @@ def main(argv=None):
                    help=f"digits (DiT, class-conditional), moving-digits (Latte, unconditional video of the "
                         f"ten class medoids) or moving-digits-all (any handwritten digit) (default: {d.data})")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads, 0 = default (default: 0)")
-    p.add_argument("--out", type=Path, help="checkpoint path (.pt)")
-    p.add_argument("--plot-losses", type=Path, metavar="PNG",
+    p.add_argument("--out", type=path_arg, help="checkpoint path (.pt)")
+    p.add_argument("--plot-losses", type=path_arg, metavar="PNG",
                    help="instead of training, draw the bundled models' loss curves into PNG")
     p.add_argument("--save-every", type=int, default=200, help="training-state interval (default: 200)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt if present")
     args = p.parse_args(argv)
+    _check_args(args)
     if args.plot_losses:
         fig = loss_figure(loss_curves({n: bundled.weight_path(n) for n in bundled.diffusion_models()}))
         with atomic_path(args.plot_losses) as tmp:
@@ -182,15 +202,32 @@ def main(argv=None):
         plt.close(fig)
         print(f"wrote {args.plot_losses}")
         return
-    if args.out is None:
-        raise ValueError("--out is required to train (or use --plot-losses)")
-    for name in ("steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed; use a positive integer")
     cfg = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       seed=args.seed, threads=args.threads, data=args.data)
     train(cfg, args.out, resume=args.resume, save_every=args.save_every)
     print(f"wrote {args.out}")
+
+
+def _check_file_target(path: Path, flag: str):
+    """A file to write: a name in an existing or creatable folder, not a folder itself."""
+    if not str(path).strip() or path.name in ("", ".", "..") or path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder or empty; give a file path")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: {str(path.parent)!r} is a file, not a folder")
+
+
+def _check_args(args):
+    """Every flag, before any work."""
+    if args.plot_losses is not None:
+        _check_file_target(args.plot_losses, "--plot-losses")
+        return
+    if args.out is None:
+        raise ValueError("--out is required to train (or use --plot-losses)")
+    _check_file_target(args.out, "--out")
+    for flag in ("--steps", "--batch-size", "--save-every"):
+        check_positive(getattr(args, flag[2:].replace("-", "_")), flag)
+    check_positive(args.threads, "--threads", zero=True)
+    check_finite(args.lr, "--lr")
 
 
 if __name__ == "__main__":

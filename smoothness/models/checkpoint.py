@@ -141,7 +141,8 @@ def _heads(hidden: int, num_heads: int | None) -> int:
 
 def _infer_t2v(sd, num_heads: int | None) -> LatteT2VConfig:
     """Latte T2V in the diffusers layout: pairs from the block count, widths from shapes, caption
-    channels from ``caption_projection``, skips from ``skip_linears``. The latent size (64) and frame
+    channels from ``caption_projection`` (its learned null caption ``y_embedding``, when stored, gives
+    ``caption_tokens``), skips from ``skip_linears``. The latent size (64) and frame
     count (16) are not in the state dict (their tables are fixed), so Latte-0's values are used."""
     need = ["pos_embed.proj.weight", "proj_out.weight", "caption_projection.linear_1.weight",
             "transformer_blocks.0.ff.net.0.proj.weight", "transformer_blocks.0.attn2.to_k.weight"]
@@ -158,12 +159,14 @@ def _infer_t2v(sd, num_heads: int | None) -> LatteT2VConfig:
         raise CheckpointError(f"{pairs} spatial transformer_blocks but {temporal} temporal_transformer_blocks; "
                               "Latte pairs them one to one")
     cross = sd["transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    null = "caption_projection.y_embedding"                # PixArt's learned null caption, when stored
     if cross != hidden:
         raise CheckpointError(f"cross-attention takes {cross}-wide context, not the hidden size {hidden}")
     return LatteT2VConfig(patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=2 * pairs,
                           num_heads=_heads(hidden, num_heads), learn_sigma=out == 2 * in_ch,
                           mlp_ratio=sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / hidden,
                           caption_channels=sd["caption_projection.linear_1.weight"].shape[1],
+                          caption_tokens=sd["caption_projection.y_embedding"].shape[0] if null in sd else 0,
                           skips=_count(sd, "skip_linears.") > 0)
 
 
@@ -227,12 +230,24 @@ def mismatch_report(sd, config: DiTConfig, limit: int = 5) -> str:
     return "; ".join(parts)
 
 
+def check_finite(sd: dict[str, torch.Tensor], where: str):
+    """Refuse weights holding NaN or Inf (they would sample NaN silently), naming the first bad tensor."""
+    for key, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(f"checkpoint {where!r}: tensor {key!r} holds {bad} NaN/Inf value(s) of {v.numel()}; "
+                                  "refusing weights that are not finite")
+
+
 def load_model(path: str | Path, num_heads: int | None = None, device="cpu", dtype=None) -> DiT:
-    """Build the model a checkpoint (file or diffusers folder) describes and load it strictly.
-    Returns it in eval mode."""
+    """Build the model a checkpoint (file or diffusers folder) describes and load it strictly (finite
+    weights only). Returns it in eval mode."""
     if Path(path).is_dir():
-        return load_folder(path, read_state_dict, device=device, dtype=dtype)
+        model = load_folder(path, read_state_dict, device=device, dtype=dtype)
+        check_finite(model.state_dict(), str(path))
+        return model
     sd, meta = read_state_dict(path)
+    check_finite(sd, str(path))
     if is_hunyuan(sd):
         return load_hunyuan(sd, meta, repr(str(path)), device=device, dtype=dtype)
     num_heads = num_heads or meta.get("num_heads")

@@ -42,6 +42,9 @@ class DiTConfig:
     skips: bool = False         # Skip-DiT long skip branches
 
     def __post_init__(self):
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; use a positive integer")
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}")
         if self.hidden_size % self.num_heads:
@@ -58,9 +61,7 @@ class DiTConfig:
         return (self.input_size // self.patch_size) ** 2
 
 
-#################################################################################
-#                                 Building blocks                               #
-#################################################################################
+# --------------------------------------------------------------------------- building blocks
 
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)          # (N, T, H)
@@ -212,9 +213,7 @@ class Trunk:
         return Trunk(rep(self.h), rep(self.c), {k: rep(v) for k, v in self.skips.items()})
 
 
-#################################################################################
-#                                   The model                                   #
-#################################################################################
+# --------------------------------------------------------------------------- the model
 
 class DiT(nn.Module):
     """Diffusion Transformer; long skip branches when ``config.skips`` (Skip-DiT)."""

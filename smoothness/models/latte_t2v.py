@@ -50,6 +50,7 @@ class LatteT2VConfig(LatteConfig):
     input_size: int = 64        # diffusers sample_size: the latent side the position grid is scaled to (512 px)
     depth: int = 56             # blocks in execution order: 28 (spatial, temporal) pairs = Latte-0's num_layers 28
     caption_channels: int = 4096   # width of the caption embeddings (T5-XXL)
+    caption_tokens: int = 120   # rows of caption_projection.y_embedding, the learned null caption (0: none)
     norm_eps: float = 1e-6      # LayerNorm eps of the blocks (Latte-0: 1e-6, no affine)
 
     def __post_init__(self):
@@ -57,8 +58,9 @@ class LatteT2VConfig(LatteConfig):
         if self.num_classes != 0:
             raise ValueError(f"num_classes={self.num_classes} is not allowed for a text-to-video model; use 0 "
                              "(conditioning is caption embeddings)")
-        if self.caption_channels < 1:
-            raise ValueError(f"caption_channels={self.caption_channels} is not allowed; use a positive width")
+        if self.caption_channels < 1 or self.caption_tokens < 0:
+            raise ValueError(f"caption_channels={self.caption_channels}, caption_tokens={self.caption_tokens} are not "
+                             "allowed; use a positive width and a token count >= 0")
 
     @property
     def interpolation_scale(self) -> int:
@@ -123,10 +125,13 @@ class AdaLayerNormSingle(nn.Module):
 
 
 class CaptionProjection(nn.Module):
-    """diffusers ``PixArtAlphaTextProjection``: Linear, GELU(tanh), Linear."""
+    """diffusers ``CaptionProjection`` (PixArt): Linear, GELU(tanh), Linear, and the buffer
+    ``y_embedding`` (tokens, in_features), the learned caption of dropped prompts (not used in forward)."""
 
-    def __init__(self, in_features: int, hidden: int):
+    def __init__(self, in_features: int, hidden: int, tokens: int = 0):
         super().__init__()
+        if tokens:
+            self.register_buffer("y_embedding", torch.empty(tokens, in_features))   # N(0, 1/in) in diffusers
         self.linear_1 = nn.Linear(in_features, hidden, bias=True)
         self.act_1 = nn.GELU(approximate="tanh")
         self.linear_2 = nn.Linear(hidden, hidden, bias=True)
@@ -250,7 +255,7 @@ class LatteT2V(Latte):
         self.scale_shift_table = nn.Parameter(torch.empty(2, H))
         self.proj_out = nn.Linear(H, cfg.patch_size ** 2 * cfg.out_channels, bias=True)
         self.adaln_single = AdaLayerNormSingle(H)
-        self.caption_projection = CaptionProjection(cfg.caption_channels, H)
+        self.caption_projection = CaptionProjection(cfg.caption_channels, H, cfg.caption_tokens)
         self.hook_input = HookPoint()       # x_t as the model sees it
         self.hook_embed = HookPoint()       # patch tokens + 2-D position table, (N*F, T, H)
         self.hook_output = HookPoint()      # the model output (N, C_out, F, H, W)
@@ -262,7 +267,7 @@ class LatteT2V(Latte):
         else:
             self.skip_into = {}
         self.skip_sources = frozenset(src for src, _ in self.skip_into.values())
-        self.negative_embeds: torch.Tensor | None = None   # (1, L, caption_channels); None: zeros
+        self.negative_embeds: torch.Tensor | str | None = None   # (1, L, caption_channels), "learned"; None: zeros
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -273,6 +278,8 @@ class LatteT2V(Latte):
         for name, p in self.named_parameters():
             if name.endswith("scale_shift_table"):
                 nn.init.normal_(p, std=self.config.hidden_size ** -0.5)
+        if hasattr(self.caption_projection, "y_embedding"):
+            nn.init.normal_(self.caption_projection.y_embedding, std=self.config.caption_channels ** -0.5)
         for lin in getattr(self, "skip_linears", []):
             nn.init.zeros_(lin.linear.weight)
             nn.init.zeros_(lin.linear.bias)
@@ -307,9 +314,14 @@ class LatteT2V(Latte):
         if batch is not None and y.shape[0] != batch:
             raise ValueError(f"caption embeddings have {y.shape[0]} rows for a batch of {batch} videos")
 
-    def set_negative_embeds(self, embeds: torch.Tensor | None):
-        """Use ``embeds`` ((L, C) or (1, L, C)) as the CFG unconditional input; None: zeros."""
-        if embeds is not None:
+    def set_negative_embeds(self, embeds: torch.Tensor | str | None):
+        """Use ``embeds`` ((L, C) or (1, L, C)) as the CFG unconditional input; ``"learned"``: the
+        checkpoint's ``caption_projection.y_embedding``; None: zeros."""
+        if isinstance(embeds, str):
+            if embeds != "learned" or not hasattr(self.caption_projection, "y_embedding"):
+                raise ValueError(f"negative embeddings {embeds!r} are not allowed; 'learned' needs a checkpoint "
+                                 "with caption_projection.y_embedding")
+        elif embeds is not None:
             embeds = embeds.unsqueeze(0) if embeds.dim() == 2 else embeds
             self.check_captions(embeds)
             if embeds.shape[0] != 1:
@@ -323,6 +335,8 @@ class LatteT2V(Latte):
         neg = self.negative_embeds
         if neg is None:
             return torch.zeros_like(y)
+        if isinstance(neg, str):                                           # "learned"
+            neg = self.caption_projection.y_embedding[None]
         if neg.shape[1] != y.shape[1]:
             raise ValueError(f"negative embeddings have {neg.shape[1]} tokens but the captions have {y.shape[1]}; "
                              "pad both to the same length (the Latte pipeline pads T5 outputs to 120)")

@@ -56,7 +56,7 @@ LATTE_DATASETS = {
 # LatteT2V-XL/2 (28 pairs, T5-XXL captions 4096 wide, 64x64 latents, 16 frames).
 SIZES["LatteT2V-XL/2"] = LatteT2VConfig()
 SIZES["LatteT2V-Mini/2"] = LatteT2VConfig(depth=4, hidden_size=64, num_heads=2, caption_channels=32,
-                                          input_size=8, num_frames=4)   # unit tests (2 pairs)
+                                          caption_tokens=4, input_size=8, num_frames=4)   # unit tests (2 pairs)
 
 # Heads are not visible in a state dict: the official size with the same width decides.
 HEADS_BY_WIDTH = {hidden: heads for depth, hidden, heads in _SIZES.values()}

@@ -253,11 +253,19 @@ def plan_with_costs(model, costs: dict[int, np.ndarray], budget: float, method: 
     return Plan(cfg, budget, speed, err, label)
 
 
+def chain_of(prof: xr.Dataset) -> list[int]:
+    """The timesteps of the chain a profile was taken on (its coordinate, else its spacing attributes)."""
+    if "timestep" in prof.coords:
+        return [int(t) for t in prof["timestep"].values]
+    spacing, offset = prof.attrs.get("spacing", "even"), int(prof.attrs.get("steps_offset", 0))
+    return Diffusion.respaced(prof.sizes["step"], spacing, offset).chain
+
+
 def plan(model, prof: xr.Dataset, budget: float, calibration: Calibration, cfg: PlanConfig = PlanConfig()) -> Plan:
     """Plan a schedule for ``model`` from its profile (check it with ``check_profile`` first)."""
     method = cfg.method_for(model)
     if method == "skip-cache" and not model.skip_into:
         raise ValueError("Skip-Cache needs a model with skip branches; use method deep-reuse or fora")
-    timesteps = Diffusion.respaced(prof.sizes["step"], prof.attrs["sampler"]).chain
+    timesteps = chain_of(prof)
     costs = {k: calibration(proxy(prof, method, k)) for k in cfg.ks_for(model)}
     return plan_with_costs(model, costs, budget, method, cfg.max_run, timesteps, str(calibration))

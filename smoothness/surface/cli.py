@@ -13,28 +13,21 @@ x_t at that step; ``trajectory`` mode runs the perturbed model along the whole c
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import torch
 import xarray as xr
 
 from .. import chain, hooks, ranks
-from ..cli import add_model_args, parse_int_list
+from ..cli import (add_model_args, add_sampler_args, check_device, check_name, check_out_folder, check_sampler_flags,
+                   model_names, official_sampler, parse_int_list, parser, path_arg, sampler_flags)
 from ..diffusion import SAMPLERS
-from ..io_utils import (
-    atomic_path,
-    check_writable,
-    fingerprint,
-    guard_results,
-    remove_stale_temporaries,
-    run_name,
-)
-from ..models import Captions, bundled, load_entries
+from ..io_utils import (atomic_path, check_writable, fingerprint, guard_results, remove_stale_temporaries,
+                        run_name)
+from ..models import Captions, load_entries
 from ..plots import surfaces as plotting
 from . import io, similarity
 from .config import DTYPES, SurfaceConfig
@@ -46,8 +39,7 @@ from .perturb import NORMS, Axis, DirectionSpec
 
 def _parser():
     d = SurfaceConfig()
-    p = argparse.ArgumentParser(prog="python -m smoothness.surface", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m smoothness.surface", __doc__)
     a = p.add_argument
     add_model_args(p)
     a("--steps", "--step", dest="steps", default=None,
@@ -61,11 +53,11 @@ def _parser():
     a("--mode", choices=list(MODES), default=d.perturbation.mode,
       help=f"where the perturbation goes (default: {d.perturbation.mode})")
     a("--site", default=None, help="site perturbed in --mode features, e.g. blocks.5 (default: none)")
-    a("--params", default=d.perturbation.directions.params,
+    a("--params", default=None,
       help=f"parameters perturbed in --mode weights: blocks.*, blocks.0-6, skips.*, all, comma-separated "
            f"(default: {d.perturbation.directions.params})")
     a("--include-1d", action="store_true", help="also perturb biases and norm scales (default: off)")
-    a("--norm", choices=list(NORMS), default=d.perturbation.directions.norm,
+    a("--norm", choices=list(NORMS), default=None,
       help=f"direction normalization (default: {d.perturbation.directions.norm})")
     a("--direction-seed", type=int, default=d.perturbation.directions.seed,
       help=f"seed of d1, d2 (default: {d.perturbation.directions.seed})")
@@ -88,7 +80,7 @@ def _parser():
     a("--batch-size", type=int, default=d.batch_size,
       help=f"grid points per forward; in local mode each point carries every step's and seed's x_t "
            f"(x2 with CFG) as rows (default: {d.batch_size})")
-    a("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
+    a("--out", type=path_arg, default=Path("results"), help="output folder (default: results/)")
     a("--name", default=None, help="file stem inside --out (default: describes the run, e.g. "
       "surface_digits-dit_digits-skip-dit_step250)")
     a("--resume", action="store_true", help="continue from <out>/<name>.partial.nc")
@@ -99,27 +91,40 @@ def _parser():
       "torchrun each rank takes its shard and rank 0 merges)")
     a("--barrier-timeout", type=float, default=3600.0, help="torchrun: seconds rank 0 waits for the other ranks "
       "before failing the job (default: 3600)")
+    add_sampler_args(p)
     return p
 
 
 def config_from_args(args) -> SurfaceConfig:
     """The flags as a SurfaceConfig: grids parsed, the caption file loaded, once."""
     d = SurfaceConfig()
-    grid = args.grid or str(d.alpha)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device!r} is not available here; allowed: cpu"
-                         + (", cuda" if torch.cuda.is_available() else ""))
+    grid = args.grid if args.grid is not None else str(d.alpha)
+    check_device(args.device)
+    weights_only = {"--norm": args.norm, "--params": args.params, "--include-1d": args.include_1d or None}
+    for flag, value in weights_only.items():
+        if value is not None and args.mode != "weights":
+            raise ValueError(f"{flag} is a --mode weights setting; --mode {args.mode} does not use it")
+    if args.site is not None and args.mode != "features":
+        raise ValueError(f"--site {args.site!r} is only used by --mode features; --mode {args.mode} perturbs no site")
+    dirs = d.perturbation.directions
     pert = Perturbation(mode=args.mode, site=args.site,
-                        directions=DirectionSpec(seed=args.direction_seed, norm=args.norm, params=args.params,
-                                                 include_1d=args.include_1d))
-    sampler = replace(d.sampler, num_steps=args.num_steps, sampler=args.sampler, cfg_scale=args.cfg_scale)
-    steps = parse_int_list(args.steps, "--steps") if args.steps else [min(10, args.num_steps), args.num_steps]
-    alpha, beta = Axis.parse(args.alpha or grid, "alpha grid"), Axis.parse(args.beta or grid, "beta grid")
+                        directions=DirectionSpec(seed=args.direction_seed, norm=args.norm or dirs.norm,
+                                                 params=args.params or dirs.params, include_1d=args.include_1d))
+    given = sampler_flags(args)
+    check_sampler_flags(given, args.cfg_scale)
+    sampler = replace(d.sampler, num_steps=args.num_steps, sampler=args.sampler, cfg_scale=args.cfg_scale, **given)
+    steps = (parse_int_list(args.steps, "--steps") if args.steps is not None
+             else [min(10, args.num_steps), args.num_steps])
+    alpha = Axis.parse(args.alpha if args.alpha is not None else grid, "alpha grid")
+    beta = Axis.parse(args.beta if args.beta is not None else grid, "beta grid")
+    readouts = tuple(r.strip() for r in args.readout.split(",") if r.strip())
+    if not readouts:
+        raise ValueError(f"--readout {args.readout!r} is empty; give output and/or sites such as blocks.5")
     return SurfaceConfig(steps=tuple(sorted(set(steps))), sampler=sampler, alpha=alpha, beta=beta, perturbation=pert,
                          evaluation=args.evaluation,
-                         readouts=tuple(r.strip() for r in args.readout.split(",") if r.strip()),
+                         readouts=readouts,
                          metric=args.metric, flatten=args.flatten,
-                         seeds=tuple(parse_int_list(args.seeds, "--seeds")), class_label=args.class_label,
+                         seeds=tuple(parse_int_list(args.seeds, "--seeds", unique=True)), class_label=args.class_label,
                          caption_embeds=Captions.of(args.caption_embeds),
                          batch_size=args.batch_size, dtype=args.dtype, device=args.device)
 
@@ -171,9 +176,25 @@ def _shard(args) -> tuple[tuple[int, int], bool]:
     return (world or (ranks.parse_shard(args.shard) if args.shard else (0, 1))), world is not None
 
 
+def _no_folders(*paths):
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise ValueError(f"{str(path)!r} is a folder, not a surface file; remove it or use another --name")
+
+
+def _check_paths(args):
+    """The output folder and name, before any work: a folder, a plain stem, files not folders (for a
+    default name, once the models that name it are known)."""
+    check_out_folder(args.out)
+    if args.name is not None:
+        check_name(args.name)
+        _no_folders(args.out / f"{args.name}.partial.nc", args.out / f"{args.name}.nc")
+
+
 def _run(entries, cfg: SurfaceConfig, args, out: Path, stem: str, fp: str, shard) -> xr.Dataset:
     """Compute this process's part (resuming from its partial file) and save it as ``<stem>.nc``."""
     partial, final = out / f"{stem}.partial.nc", out / f"{stem}.nc"
+    _no_folders(partial, final)
     guard_results([final], fp, args.overwrite)
     for stale in remove_stale_temporaries(output_paths(out, stem)):
         print(f"removed {stale}, left by an interrupted write")
@@ -199,9 +220,12 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     cfg = config_from_args(args)
     shard, launched = _shard(args)
+    _check_paths(args)
+    names = model_names(args)
     out = check_writable(args.out)
-    names = (args.model or []) + (args.ckpt or []) or list(bundled.DEFAULT_PAIR)
     entries = load_entries(names, args.num_heads)
+    cfg = replace(cfg, sampler=official_sampler(cfg.sampler, [e.model for e in entries], sampler_flags(args)))
+    cfg.check_size(len(entries))
     _validate(entries, cfg)
     name = args.name or run_name("surface", [e.label for e in entries], "step" + "-".join(map(str, cfg.steps)))
     fp = fingerprint(cfg.to_json(), [(e.source, e.sha256) for e in entries])

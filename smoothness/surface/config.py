@@ -1,6 +1,7 @@
 """What a surface is: ``SurfaceConfig``, numbers only (grids as ``Axis``, captions loaded once)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ from .perturb import Axis
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_GRID = Axis(-0.25, 0.25, 21)
+MAX_RESULT_BYTES = 8 * 2 ** 30     # a surface result larger than this is refused before anything is allocated
 
 
 def as_axis(value, what: str) -> Axis:
@@ -52,18 +54,25 @@ class SurfaceConfig:
         if self.evaluation not in EVALUATIONS:
             raise ValueError(f"unknown evaluation {self.evaluation!r}; allowed: {', '.join(EVALUATIONS)}")
         similarity.check(self.metric, self.flatten)
-        if not self.steps:
-            raise ValueError("no steps requested")
-        for s in self.steps:
-            if not 1 <= s <= self.sampler.num_steps:
-                raise ValueError(f"step {s} is outside the chain; allowed: 1..{self.sampler.num_steps} "
-                                 f"(a {self.sampler.num_steps}-step {self.sampler.sampler.upper()} chain)")
-        if not self.seeds:
-            raise ValueError("no seeds requested")
-        if self.batch_size < 1:
+        chain.check_steps(list(self.steps), self.sampler)          # integers inside the chain
+        chain.check_seeds(self.seeds)                              # given, each once
+        if not self.readouts:
+            raise ValueError("no readouts requested; use output and/or sites such as blocks.5")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ValueError(f"batch_size={self.batch_size} is not allowed; use a positive integer")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not allowed; use one of {', '.join(DTYPES)}")
+        self.check_size(1)
+
+    def check_size(self, models: int):
+        """Estimate the result's memory (float64 cells plus the grid plan) before allocating it."""
+        points = (self.alpha.count + 1) * (self.beta.count + 1)          # +1: the origin may be added
+        cells = models * len(self.steps) * len(self.readouts) * len(self.seeds) * points
+        need = 8 * cells + 32 * points
+        if need > MAX_RESULT_BYTES:
+            raise ValueError(f"the surface grid {self.alpha} x {self.beta} ({points:,} points, {cells:,} values) "
+                             f"needs about {need / 2 ** 30:.1f} GiB; the limit is {MAX_RESULT_BYTES / 2 ** 30:.0f} GiB: "
+                             "use fewer grid points, steps, readouts or seeds")
 
     @property
     def alphas(self) -> np.ndarray:
@@ -83,5 +92,10 @@ class SurfaceConfig:
         return EvalSpec(tuple(self.steps), tuple(self.readouts), self.sampler, self.perturbation, self.device)
 
     def to_json(self) -> str:
-        """Every setting as JSON (grids in their ``min:max:count`` spelling, captions by file)."""
-        return chain.config_json(self)
+        """Every setting used as JSON (grids in their ``min:max:count`` spelling, captions by file);
+        the direction settings a features or latent perturbation does not use are null."""
+        if self.perturbation.mode == "weights":
+            return chain.config_json(self)
+        d = json.loads(chain.config_json(self))
+        d["perturbation"]["directions"].update(norm=None, params=None, include_1d=None)
+        return json.dumps(d, sort_keys=True)

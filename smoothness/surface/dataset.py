@@ -36,6 +36,7 @@ def _chunks(points: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def empty_dataset(entries: list[ModelEntry], cfg: SurfaceConfig) -> xr.Dataset:
+    cfg.check_size(len(entries))
     diffusion = Diffusion.for_config(cfg.sampler)
     steps = sorted(cfg.steps)
     shape = (len(entries), len(steps), len(cfg.readouts), len(cfg.seeds), len(cfg.alphas), len(cfg.betas))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import hooks
-from ..diffusion import guide
+from ..diffusion import guide, guided_channels
 from .perturb import DirectionSpec, direction, feature_direction, select_parameters
 
 MODES = ("weights", "features", "latent")
@@ -45,6 +45,15 @@ class Perturbation:
             raise ValueError(f"unknown perturbation mode {self.mode!r}; allowed: {', '.join(MODES)}")
         if self.mode == "features" and not self.site:
             raise ValueError("mode='features' needs a site to perturb, e.g. site='blocks.5'")
+        if self.mode != "features" and self.site:
+            raise ValueError(f"site={self.site!r} is only used by mode='features'; mode={self.mode!r} does not "
+                             "perturb a site")
+        if self.mode != "weights":           # options that would silently do nothing
+            d, unused = self.directions, DirectionSpec()
+            for name in ("norm", "params", "include_1d"):
+                if getattr(d, name) != getattr(unused, name):
+                    raise ValueError(f"{name}={getattr(d, name)!r} is a weights-mode setting; mode={self.mode!r} "
+                                     "does not use it")
 
 
 class GridEngine:
@@ -241,7 +250,7 @@ class GridEngine:
         if cfg_scale != 1.0:
             half = rows // 2
             flat = lambda v: v.reshape(g * half, *v.shape[2:])
-            out = guide(flat(out[:, :half]), flat(out[:, half:]), cfg_scale, cfg_channels or x.shape[1])
+            out = guide(flat(out[:, :half]), flat(out[:, half:]), cfg_scale, guided_channels(cfg_channels, x.shape[1]))
             out = out.reshape(g, half, *out.shape[1:])
         return out
 

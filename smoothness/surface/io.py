@@ -23,6 +23,7 @@ REQUIRED_ATTRS = ("config", "metric", "mode", "direction_seed", "norm", "params"
 
 def surface_attrs(entries, cfg) -> dict:
     p = cfg.perturbation
+    weights = p.mode == "weights"                   # norm, params and include_1d are weights-mode settings
     return {
         "title": "feature-smoothness surface",
         "config": cfg.to_json(),
@@ -32,13 +33,16 @@ def surface_attrs(entries, cfg) -> dict:
         "site": p.site or "",
         "evaluation": cfg.evaluation,
         "direction_seed": p.directions.seed,
-        "norm": p.directions.norm,
-        "params": p.directions.params,
-        "include_1d": int(p.directions.include_1d),
+        "norm": p.directions.norm if weights else "",
+        "params": p.directions.params if weights else "",
+        "include_1d": int(p.directions.include_1d) if weights else -1,
         "grid_alpha": str(cfg.alpha),
         "grid_beta": str(cfg.beta),
         "chain": cfg.sampler.label,
         "cfg_scale": cfg.sampler.cfg_scale,
+        "cfg_channels": -1 if cfg.sampler.cfg_channels is None else cfg.sampler.cfg_channels,
+        "spacing": cfg.sampler.spacing,
+        "steps_offset": cfg.sampler.steps_offset,
         "class_label": cfg.class_label,
         **caption_attrs(cfg.caption_embeds),
         "seeds": json.dumps(list(cfg.seeds)),

@@ -45,6 +45,12 @@ def _origin_curvature(dev: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarr
 def smoothness_scores(ds: xr.Dataset, radius: float | None = None) -> xr.Dataset:
     """Scores per (model, step, readout, seed) as a Dataset; ``radius`` defaults to half the
     smaller grid extent."""
+    if not isinstance(ds, xr.Dataset) or "surface" not in ds or not {"alpha", "beta"} <= set(ds["surface"].dims):
+        have = sorted(map(str, ds.data_vars)) if isinstance(ds, xr.Dataset) else type(ds).__name__
+        raise ValueError(f"smoothness_scores needs a surface Dataset (a 'surface' variable over alpha and beta); "
+                         f"got {have}")
+    if radius is not None and not (np.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius={radius!r} is not allowed; use a positive number or None")
     s = ds["surface"].transpose(..., "alpha", "beta")
     a, b = s["alpha"].values, s["beta"].values
     dev = deviation(s).transpose(..., "alpha", "beta")
