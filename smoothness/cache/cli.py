@@ -271,6 +271,9 @@ def _calibrate_parser():
 def calibrate_main(argv=None):
     args = _calibrate_parser().parse_args(argv)
     budgets = _floats(args.budgets, "--budgets")
+    for b in budgets:
+        if not 0 < b <= 1:
+            raise ValueError(f"--budgets: budget {b:g} is not allowed; use a fraction of the steps computed in (0, 1]")
     names = (args.model or []) + (args.ckpt or [])
     if len(names) != 1:
         raise ValueError(f"calibrate takes one model (--model or --ckpt), got {len(names)}")

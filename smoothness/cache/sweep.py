@@ -71,8 +71,9 @@ DIMS = ("model", "method", "setting", "seed")
 def parse_spec(spec: str) -> tuple[str, str]:
     """``"skip-cache+taylor1"`` -> ("skip-cache", "taylor1"); a plain name -> (name, "reuse")."""
     name, _, forecast = spec.partition("+")
-    if name not in SWEEP_METHODS:
-        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(SWEEP_METHODS)} (or METHOD+FORECAST, "
+    allowed = [m for m in method_names() if m != "none"]            # live: methods registered later count
+    if name not in allowed:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(allowed)} (or METHOD+FORECAST, "
                          f"FORECAST one of {', '.join(FORECASTS[1:])})")
     return name, forecast or "reuse"
 
