@@ -234,6 +234,21 @@ def test_forecasts_of_a_quadratic_by_hand(how, want):
     assert forecast.recall(state, "h", torch.tensor(25.0)).item() == want
 
 
+@pytest.mark.parametrize("how", ["reuse", "taylor1", "taylor2", "foca"])
+def test_per_row_forecasts_follow_each_rows_own_full_steps(how):
+    """Row 0 was full at steps 1, 3, 5 (F = s^2), row 1 only at steps 4, 5 (F = 10 s): at step 6 row 0
+    gets the hand-worked quadratic forecast and row 1 its order-1 (or plain) one."""
+    rows = {}
+    for s in (1, 3, 4, 5):
+        mask = torch.tensor([s in (1, 3, 5), s in (4, 5)])
+        value = torch.tensor([[float(s * s)], [10.0 * s]])          # (N, 1)
+        forecast.remember_rows(rows, "mid", value, mask, s)
+    got = forecast.recall_rows(how, rows, "mid", torch.tensor([[25.0], [50.0]]), 6)
+    want0 = {"reuse": 25.0, "taylor1": 33.0, "taylor2": 34.0, "foca": 31.0}[how]
+    want1 = {"reuse": 50.0}.get(how, 60.0)                           # one slope: all orders reduce to order 1
+    assert got[:, 0].tolist() == [want0, want1]
+
+
 def test_forecasting_starts_after_two_full_steps(skip4):
     """Skip-Cache + taylor1 at N = 2: step 2 has one full step behind it (plain reuse), step 4 has
     two (a forecast), so the model outputs agree with plain reuse up to step 3 and differ at step 4."""
@@ -346,7 +361,7 @@ def load_calibration_text(text):
 @pytest.mark.parametrize("argv,words", [
     (["--methods", "skip-cache+taylor3"], "taylor3"),
     (["--thresholds", "-0.1"], "threshold -0.1"),
-    (["--methods", "fbcache+taylor1"], "does not reuse features to forecast"),
+    (["--methods", "magcache+taylor1"], "does not reuse features to forecast"),
     (["calibrate", "--budgets", "1.5"], "budget 1.5"),
     (["calibrate", "--model", "digits-dit", "--model", "digits-skip-dit"], "one model"),
 ])

@@ -32,6 +32,14 @@ def test_every_method_conforms_on_dit(dit, name):
                                               "macs_match_counted"]) == {}
 
 
+@pytest.mark.parametrize("forecast", ["taylor1", "taylor2", "foca"])
+@pytest.mark.parametrize("name", [n for n in method_names() if "forecast" in REGISTRY[n].uses])
+def test_forecasting_variants_conform(skip_dit, name, forecast):
+    setup = conformance.Setup(settings=(("forecast", forecast),))
+    assert conformance.run(skip_dit, name, setup, checks=["disabled_is_plain", "caches", "reused_equals_fresh",
+                                                         "batch_is_rows", "exception_leaves_nothing"]) == {}
+
+
 # ------------------------------------------------------------ the suite can fail
 class _Broken(Method):
     """Skip-Cache's schedule; ``flaw`` picks what goes wrong."""

@@ -6,13 +6,16 @@
     python -m smoothness.cache --ckpt DiT-XL-2-skip.pt --num-sampling-steps 250 --cfg-scale 1.5
     python -m smoothness.cache calibrate --model digits-skip-dit --out calibration.json
 
-For every model and seed the uncached chain is the reference; every (method, interval, k, window) run
-starts from the same seed and is compared with it: PSNR / SSIM / MSE of the final samples, per-step
-cosine similarity of the model outputs, classifier accuracy and Frechet distance (digits models),
-steps computed and reused, theoretical speedup (MACs) and realized speedup (wall time). Writes
-``<out>/<name>.nc`` (xarray, netCDF), ``<name>.png`` and ``<name>.html`` (quality against speedup)
-and prints a table. Flags follow DiT's ``sample.py`` where they overlap. Skip-Cache on a model
-without skip branches is left empty (NaN): use deep-reuse there.
+For every model and seed the uncached chain is the reference; every method and setting (static
+methods: each interval, k and window; dynamic ones: their thresholds) starts from the same seed and
+is compared with it: PSNR / SSIM / MSE of the final samples, per-step cosine similarity of the model
+outputs, classifier accuracy and Frechet distance (digits models), calls computed and reused,
+theoretical speedup (MACs of the calls made) and realized speedup (wall time). Calibrated methods
+(magcache, teacache) get one calibration run per model and seed, recorded in the attributes. Writes
+``<out>/<name>.nc`` (xarray, netCDF), ``<name>.png`` and ``<name>.html`` (quality against speedup,
+Pareto front per model) and prints a table (``*``: on the Pareto front); ``<name>.partial.nc`` holds
+the finished cells while it runs (``--resume`` continues from it). Flags follow DiT's ``sample.py``
+where they overlap. Skip-Cache on a model without skip branches is left empty (NaN).
 """
 from __future__ import annotations
 
@@ -195,11 +198,12 @@ def main(argv=None):
                       stop_inclusive=stop_inclusive, captions=captions, thresholds=thresholds)
     if args.calibration is not None:
         cfg = replace(cfg, calibration=_checked_calibration(args.calibration, models, cfg))
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     ds = sweep(models, cfg, partial=out / f"{args.name}.partial.nc", resume=args.resume)
     paths_ = [bundled.weight_path(n) if n in bundled.BUNDLED else Path(n) for n in names]
     ds.attrs.update(models=",".join(str(n) for n in names), sha256=",".join(sha256(p) for p in paths_),
-                    preset=args.preset or "", methods=",".join(methods), seconds_total=time.time() - t0)
+                    preset=args.preset or "", methods=",".join(methods), seconds_total=time.time() - t0,
+                    cpu_seconds_total=time.process_time() - cpu0)
     if captions is not None:
         ds.attrs.update(**captions.attrs(), captions=len(captions.embeds), caption_tokens=captions.embeds.shape[1])
         del ds.attrs["classes"]

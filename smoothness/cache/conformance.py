@@ -22,6 +22,7 @@ interval 1, or threshold 0) and ``example`` (keywords that cache on a short chai
   forward and an empty state.
 
 Methods with a ``calibration`` are calibrated first on the same model and chain (calibrate.py).
+``Setup(settings=(("forecast", "taylor2"),))`` runs the checks with more settings (a forecast).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class Setup:
     labels: tuple[int, ...] = (1, 2)      # one sample per label (class-conditional models)
     seed: int = 0                         # noise of the chain
     atol: float = 1e-5                    # batch vs alone: batched matmuls may differ in the last bits
+    settings: tuple[tuple[str, object], ...] = ()   # CacheConfig keywords added to both configs, e.g. forecast
 
 
 def _y(model, setup: Setup, n: int | None = None):
@@ -67,7 +69,8 @@ def configs(model, name: str, setup: Setup = Setup()) -> tuple[CacheConfig, Cach
         diffusion = Diffusion.for_config(setup.sampler)
         extra["calibration"] = calibrate(model, diffusion, _shape(model, setup), _y(model, setup), setup.sampler,
                                          seed=setup.seed)
-    return (CacheConfig(method=name, **cls.disabled, **extra), CacheConfig(method=name, **cls.example, **extra))
+    extra.update(dict(setup.settings))
+    return (CacheConfig(method=name, **{**cls.disabled, **extra}), CacheConfig(method=name, **{**cls.example, **extra}))
 
 
 def _sample(model, setup: Setup, config: CacheConfig | None, seed: int | None = None):

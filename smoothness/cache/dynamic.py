@@ -12,7 +12,8 @@ row computes, the call is the plain forward (bit-identical). Threshold 0 never c
   h_out(Fn-1) stored at the row's last full step, and the last Bn units run. Otherwise every unit
   runs and r_ref, R_mid are refreshed. fbcache: Fn 1, Bn 0, tau 0.05, W 0; dbcache: Fn = Bn = 1,
   tau 0.08, W 8. On a Skip-DiT Bn <= Fn (the back units fuse fresh skips of front units); Fn = Bn = k
-  is Skip-Cache's compute pattern with a dynamic decision and a stored residual.
+  is Skip-Cache's compute pattern with a dynamic decision and a stored residual. With ``forecast``
+  R_mid is forecast per row from the row's own last full steps (forecast.py).
 * ``magcache`` (MagCache): calibrated gamma_s = mean over tokens of |r_s| / |r_(s-1)|, r = output of
   the last unit - input of the first, per CFG half. After the first round(retention * S) steps a row
   accumulates R <- R * gamma_s, E <- E + |1 - R|, n <- n + 1 and reuses its last residual
@@ -32,6 +33,7 @@ import torch
 from .. import hooks
 from . import flops
 from .base import Method, register
+from . import forecast
 from .calibrate import Calibration, load_calibration, modulated_input
 
 
@@ -121,7 +123,7 @@ class BlockCache(_Dynamic):
     """dbcache (cache-dit DBCache): Fn front and Bn back units always run; the middle residual is reused."""
 
     name = "dbcache"
-    uses = ("threshold", "fn", "bn", "warmup", "max_cached")
+    uses = ("threshold", "fn", "bn", "warmup", "max_cached", "forecast")
     defaults = {"threshold": 0.08, "fn": 1, "bn": 1, "warmup": 8, "max_cached": None}
     example = {"threshold": 0.5, "warmup": 2, "max_cached": 2}
     sweep = ({"threshold": 0.08}, {"threshold": 0.16}, {"threshold": 0.32})
@@ -164,7 +166,11 @@ class BlockCache(_Dynamic):
             sel = _expand(compute, front.shape[0])
             _store(rows, "r_ref", r[sel], compute, r)
             _store(rows, "mid", fresh - front[sel], compute, front)                 # R_mid of computing rows
-        trunk.h = _merge(front, fresh, compute, front + rows["mid"])
+            if cfg.forecast != "reuse":
+                forecast.remember_rows(rows, "mid", rows["mid"], compute, state.position)
+        if not bool(compute.all()):
+            mid = forecast.recall_rows(cfg.forecast, rows, "mid", rows["mid"], state.position)
+            trunk.h = _merge(front, fresh, compute, front + mid)
         for u in range(L - bn, L):
             model.run_unit(u, trunk)
         _count(state, compute, rows)
@@ -211,13 +217,10 @@ class _Residual(_Dynamic):
         fresh = run_rows(model, trunk, range(model.num_units), compute)
         if fresh is not None:
             _store(rows, "resid", fresh - h0[_expand(compute, h0.shape[0])], compute, h0)   # r = h_L - h_0
-        trunk.h = _merge(h0, fresh, compute, h0 + rows["resid"])
-        self.after(rows, compute)
+        if not bool(compute.all()):
+            trunk.h = _merge(h0, fresh, compute, h0 + rows["resid"])
         _count(state, compute, rows)
         return model.head(trunk)
-
-    def after(self, rows, compute):
-        """Reset what a computing row resets."""
 
     def call_macs(self, shape, config, kind):
         if kind == "full":

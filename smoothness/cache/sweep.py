@@ -46,7 +46,7 @@ from .skip_cache import apply_cache
 
 SWEEP_METHODS = tuple(m for m in method_names() if m != "none")    # "none" is the reference of every run
 FORECAST_SPECS = ("skip-cache+taylor1", "skip-cache+taylor2", "skip-cache+foca", "deep-reuse+taylor1",
-                  "fora+taylor1")                                   # the forecasting variants "all" adds
+                  "fora+taylor1", "dbcache+taylor1")               # the forecasting variants "all" adds
 
 SCORES = {  # variable: (long name, units)
     "psnr": ("PSNR against the uncached run, mean over samples", "dB"),
