@@ -280,6 +280,12 @@ def test_calibration_fits_by_hand_and_round_trips(plain4, tmp_path):
     assert len(cal.teacache) == 5 and cal.masks["0.5"]["mask"][0] == "1" and cal.masks["0.5"]["mask"].count("1") <= 3
     back = load_calibration(cal.save(tmp_path / "c.json"))
     assert back == cal
+    sched = back.schedule(0.5)                                  # the mask drives any static method
+    with torch.no_grad(), apply_cache(plain4, CacheConfig(method="fora", mask=sched)) as state:
+        diffusion.sample(plain4, (2, 2, 8, 8), y, sampler, seed=3)
+    assert state.schedule.full == sched.full
+    with pytest.raises(ValueError, match="budget 0.3 is not in the calibration file"):
+        back.schedule(0.3)
 
 
 def test_mask_budgets_by_hand():

@@ -34,6 +34,7 @@ import torch
 from .. import hooks
 from ..io_utils import atomic_path
 from ..models.dit import modulate
+from .schedule import Schedule
 
 BUDGETS = (0.5, 0.34, 0.25)      # default mask budgets: fraction of the steps computed
 
@@ -61,6 +62,14 @@ class Calibration:
     masks: dict = field(default_factory=dict)      # budget -> {"mask": "1010...", "alpha": float}
     file_sha256: str = ""               # sha256 of the checkpoint file, when known
     model: str = ""                     # the model's label
+
+    def schedule(self, budget: float) -> Schedule:
+        """The SmoothCache mask of ``budget`` as a Schedule on the calibrated chain: CacheConfig(mask=...)
+        runs it with any static method."""
+        key = f"{budget:g}"
+        if key not in self.masks:
+            raise ValueError(f"budget {budget:g} is not in the calibration file; allowed: {', '.join(self.masks)}")
+        return Schedule.from_cache_dit(self.masks[key]["mask"], self.timesteps)
 
     def rescale(self, rel: np.ndarray) -> np.ndarray:
         return np.polyval(np.asarray(self.teacache), rel)

@@ -345,7 +345,7 @@ def pareto(ds: xr.Dataset, model: str, quality: str = "psnr") -> list[tuple[str,
     pts = [(float(mean.theoretical_speedup.sel({"method": a, "setting": k})), float(mean[quality].sel({"method": a, "setting": k})),
             str(a), str(ds.config.sel({"method": a, "setting": k}).item()))
            for a in ds.method.values for k in ds.setting.values
-           if np.isfinite(float(mean[quality].sel({"method": a, "setting": k})))]
+           if not np.isnan(float(mean[quality].sel({"method": a, "setting": k})))]      # inf PSNR: identical
     front = [p for p in pts if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1]) for q in pts)]
     return [(p[2], p[3]) for p in sorted(front)]
 

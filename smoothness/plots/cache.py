@@ -50,7 +50,7 @@ def _front(ds: xr.Dataset, model: str, x: str, y: str):
     if keep is None:
         keep = {p[2] for p in pts if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1])
                                              for q in pts)}
-    return sorted((p[0], p[1]) for p in pts if p[2] in keep)
+    return sorted((p[0], p[1]) for p in pts if p[2] in keep and np.isfinite(p[1]))
 
 
 def figure(ds: xr.Dataset):
