@@ -40,6 +40,16 @@ def test_forecasting_variants_conform(skip_dit, name, forecast):
                                                          "batch_is_rows", "exception_leaves_nothing"]) == {}
 
 
+@pytest.mark.parametrize("name", [n for n in method_names() if "forecast" in REGISTRY[n].uses])
+def test_forecasting_changes_what_a_method_reuses(skip_dit, name):
+    """With two full steps behind a cached one, a forecast differs from plain reuse (it is wired in)."""
+    reuse = conformance.configs(skip_dit, name)[1]
+    fore = conformance.configs(skip_dit, name, conformance.Setup(settings=(("forecast", "taylor1"),)))[1]
+    a, _ = conformance._sample(skip_dit, conformance.Setup(), reuse)
+    b, state = conformance._sample(skip_dit, conformance.Setup(), fore)
+    assert state.num_cached > 0 and not torch.equal(a, b)
+
+
 # ------------------------------------------------------------ the suite can fail
 class _Broken(Method):
     """Skip-Cache's schedule; ``flaw`` picks what goes wrong."""

@@ -46,6 +46,7 @@ class DeepReuse(Method):
                 if u == L - k:
                     # the input of unit L-k and, on a Skip-DiT, the skips it and later units will fuse
                     state.payload = {"h": trunk.h, "skips": {s: v for s, v in trunk.skips.items() if s < k}}
+                    remember(state, "h", trunk.h)
                 model.run_unit(u, trunk)
         else:
             trunk.h = recall(state, "h", state.payload["h"])     # (N, T, H) from the last full step
