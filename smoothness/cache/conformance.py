@@ -112,7 +112,7 @@ def reused_equals_fresh(model, name, setup: Setup = Setup()):
     _, example = configs(model, name, setup)
     used, fresh = model, copy.deepcopy(model)
     diffusion = Diffusion.for_config(setup.sampler)
-    with torch.inference_mode(), apply_cache(used, example) as state:
+    with torch.inference_mode(), apply_cache(used, example):
         for i, _ in enumerate(diffusion.sample_steps(used, _shape(model, setup), _y(model, setup), setup.sampler,
                                                      seed=setup.seed + 7)):
             if i == setup.sampler.num_steps // 2:
