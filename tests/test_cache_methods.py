@@ -281,6 +281,9 @@ def test_calibration_fits_by_hand_and_round_trips(plain4, tmp_path):
     assert len(cal.teacache) == 5 and cal.masks["0.5"]["mask"][0] == "1" and cal.masks["0.5"]["mask"].count("1") <= 3
     back = load_calibration(cal.save(tmp_path / "c.json"))
     assert back == cal
+    assert CacheConfig(method="magcache", calibration=str(tmp_path / "c.json")).calibration == cal   # read once
+    with pytest.raises(ValueError, match="cannot be read"):
+        CacheConfig(method="magcache", calibration=str(tmp_path / "missing.json"))
     sched = back.schedule(0.5)                                  # the mask drives any static method
     with torch.no_grad(), apply_cache(plain4, CacheConfig(method="fora", mask=sched)) as state:
         diffusion.sample(plain4, (2, 2, 8, 8), y, sampler, seed=3)

@@ -24,7 +24,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 from .. import hooks
+from .calibrate import load_calibration
 from .schedule import CacheRule, RuleState, Schedule, preset
 
 REGISTRY: dict[str, type["Method"]] = {}       # name -> Method subclass, in registration order
@@ -82,6 +85,8 @@ class CacheConfig:
             raise ValueError(f"k={self.k!r} is not allowed; use an integer >= 1 (units recomputed on each side)")
         if isinstance(self.mask, (str, list, tuple)):
             object.__setattr__(self, "mask", Schedule.from_mask(self.mask))
+        if isinstance(self.calibration, (str, Path)):
+            object.__setattr__(self, "calibration", load_calibration(self.calibration))   # read once
         self.rule  # validates interval and window
         if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and self.threshold >= 0
                                                and math.isfinite(self.threshold)):
