@@ -34,7 +34,7 @@ from . import data, metrics
 from .analysis import correlate
 from .analysis import dynamics as dyn
 from .analysis import spectral as spec
-from .cache.sweep import SweepConfig, sweep
+from .cache.sweep import FORECAST_SPECS, SWEEP_METHODS, SweepConfig, sweep
 from .cli import check_out_folder, check_positive, parser, path_arg, run_cli
 from .data.sample import generate
 from .diffusion import SamplerConfig
@@ -117,7 +117,7 @@ def surfaces(names, res: Resolution, grid: Axis, log):
 
 def cache_sweep(models, res: Resolution, log):
     sampler = SamplerConfig(num_steps=res.cache_steps, cfg_scale=3.0, clip_denoised=True)
-    cfg = SweepConfig(sampler=sampler, methods=("skip-cache", "deep-reuse", "delta", "fora"), intervals=res.intervals,
+    cfg = SweepConfig(sampler=sampler, methods=SWEEP_METHODS + FORECAST_SPECS, intervals=res.intervals,
                       ks=res.ks, windows=((20, 1000),), seeds=(0,), classes=tuple(range(10)), per_class=res.per_class)
     return sweep(models, cfg, log=log)
 

@@ -287,7 +287,7 @@ def test_schedule_round_trips():
 @pytest.mark.parametrize("kwargs,words", [
     (dict(interval=0), ["interval=0", ">= 1"]),
     (dict(t_start=100, t_stop=500), ["inverted", "t_stop=500", "t_start=100"]),
-    (dict(method="teacache"), ["'teacache'", "skip-cache", "deep-reuse"]),
+    (dict(method="warpcache"), ["'warpcache'", "skip-cache", "deep-reuse", "teacache"]),
     (dict(k=0), ["k=0"]),
 ])
 def test_bad_config_raises(kwargs, words):
@@ -339,7 +339,8 @@ def test_cli_sweep_writes_labelled_outputs(tmp_path):
     main(["--ckpt", str(ckpt), "--num-sampling-steps", "4", "--intervals", "2", "--k", "1", "--classes", "1,2",
           "--per-class", "1", "--methods", "skip-cache,fora", "--out", str(tmp_path), "--name", "s"])
     ds = xr.open_dataset(tmp_path / "s.nc", engine="h5netcdf")
-    assert ds.psnr.dims == ("model", "method", "interval", "k", "window", "seed")
+    assert ds.psnr.dims == ("model", "method", "setting", "seed")
+    assert ds.config.sel({"method": "skip-cache", "setting": 0}).item() == "skip-cache_N2_20<t<1000_k1"
     assert list(ds.method.values) == ["skip-cache", "fora"] and ds.attrs["num_sampling_steps"] == 4
     assert int(ds.full_steps.sel({"method": "skip-cache"}).item()) == 2
     assert ds.step_cosine.dims[-1] == "step" and list(ds.timestep.values) == Diffusion.respaced(4).chain
@@ -350,7 +351,7 @@ def test_cli_sweep_writes_labelled_outputs(tmp_path):
 @pytest.mark.parametrize("argv,words", [
     (["--intervals", "0"], "interval=0"),
     (["--k", "x"], "--k 'x'"),
-    (["--methods", "teacache"], "'teacache'"),
+    (["--methods", "warpcache"], "'warpcache'"),
     (["--windows", "700-50"], "inverted"),
     (["--windows", "20to1000"], "STOP-START"),
     (["--preset", "dit"], "unknown preset 'dit'"),

@@ -268,8 +268,10 @@ def test_dit_adapter_macs_by_hand():
     native = build("DiT-Mini/2", input_size=8, in_channels=4, hidden_size=16, num_heads=2, depth=3, num_classes=10)
     per_block_embed = 256 * 16 + 16 * 16
     assert flops.measure(model).call() == flops.call_macs(flops.Shape.of(native)) + 3 * per_block_embed
-    with pytest.raises(ValueError, match="has no analytic MAC formula"):
-        flops.Shape.of(model)
+    shape = flops.Shape.of(model)                                   # a measured family: counted, not by formula
+    assert isinstance(shape, flops.MeasuredShape) and shape.full_call() == flops.measure(model).call()
+    with pytest.raises(ValueError, match="measured on the model"):
+        flops.Shape.of(model.config)
     cost = flops.schedule_cost(model, CacheConfig(method="deep-reuse", interval=2, k=1, t_stop=0), [900, 800, 700, 600])
     assert cost.attrs["theoretical_speedup"] > 1.3
 

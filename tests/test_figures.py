@@ -34,13 +34,14 @@ def test_teaser_draws_the_sweep_cosines(make_model):
     from smoothness.diffusion import SamplerConfig
     models = {"plain": make_model("DiT-Mini/2", num_classes=3, in_channels=1),
               "skip": make_model("DiT-Mini/2-skip", num_classes=3, in_channels=1)}
-    cfg = SweepConfig(SamplerConfig(num_steps=5, cfg_scale=2.0), ("skip-cache", "deep-reuse", "fora"), (2,), (1,),
+    cfg = SweepConfig(SamplerConfig(num_steps=5, cfg_scale=2.0), ("skip-cache", "deep-reuse", "fora"), (2, 3), (1,),
                       ((0, 1000),), (0,), (0, 1), 1)
     ds = sweep(models, cfg, log=lambda *a: None)
     fig = figures.teaser(ds, "skip", "plain", interval=2, k=1)
     lines = fig.axes[0].get_lines()
     assert [ln.get_label() for ln in lines] == ["skip-cache on skip", "fora on plain", "deep-reuse on plain"]
-    want = ds["step_cosine"].sel({"model": "plain", "method": "fora", "interval": 2, "k": 1}).isel(window=0).mean("seed")
+    at = int(np.flatnonzero(ds.config.sel({"method": "fora"}).values == "fora_N2_0<t<1000")[0])
+    want = ds["step_cosine"].sel({"model": "plain", "method": "fora", "setting": at}).mean("seed")
     np.testing.assert_allclose(lines[1].get_ydata(), want.values)
     np.testing.assert_allclose(lines[1].get_xdata(), ds.timestep.values)
     assert (want.values < 1).any()

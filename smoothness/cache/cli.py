@@ -1,22 +1,28 @@
-"""Sweep caching methods on DiT models: quality against speed.
+"""Sweep caching methods on DiT models: quality against speed; or write a calibration file.
 
-    python -m smoothness.cache                                  # bundled pair, default sweep (< 10 min, 2 cores)
+    python -m smoothness.cache                                  # bundled pair, every method (< 15 min, 2 cores)
     python -m smoothness.cache --methods skip-cache --intervals 2,3,4,5,6 --k 1,2,4
+    python -m smoothness.cache --methods dbcache,magcache,skip-cache+taylor1 --resume
     python -m smoothness.cache --ckpt DiT-XL-2-skip.pt --num-sampling-steps 250 --cfg-scale 1.5
+    python -m smoothness.cache calibrate --model digits-skip-dit --out calibration.json
 
-For every model and seed the uncached chain is the reference; every (method, interval, k, window) run
-starts from the same seed and is compared with it: PSNR / SSIM / MSE of the final samples, per-step
-cosine similarity of the model outputs, classifier accuracy and Frechet distance (digits models),
-steps computed and reused, theoretical speedup (MACs) and realized speedup (wall time). Writes
-``<out>/<name>.nc`` (xarray, netCDF), ``<name>.png`` and ``<name>.html`` (quality against speedup)
-and prints a table. Flags follow DiT's ``sample.py`` where they overlap. Skip-Cache on a model
-without skip branches is left empty (NaN): use deep-reuse there.
+For every model and seed the uncached chain is the reference; every method and setting (static
+methods: each interval, k and window; dynamic ones: their thresholds) starts from the same seed and
+is compared with it: PSNR / SSIM / MSE of the final samples, per-step cosine similarity of the model
+outputs, classifier accuracy and Frechet distance (digits models), calls computed and reused,
+theoretical speedup (MACs of the calls made) and realized speedup (wall time). Calibrated methods
+(magcache, teacache) get one calibration run per model and seed, recorded in the attributes. Writes
+``<out>/<name>.nc`` (xarray, netCDF), ``<name>.png`` and ``<name>.html`` (quality against speedup,
+Pareto front per model) and prints a table (``*``: on the Pareto front); ``<name>.partial.nc`` holds
+the finished cells while it runs (``--resume`` continues from it). Flags follow DiT's ``sample.py``
+where they overlap. Skip-Cache on a model without skip branches is left empty (NaN).
 """
 from __future__ import annotations
 
 import itertools
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -27,14 +33,15 @@ from .. import chain
 from ..chain import config_json
 from ..cli import (add_model_args, add_sampler_args, check_name, check_out_folder, check_positive, check_sampler_flags,
                    model_names, official_sampler, parse_int_list, parser, path_arg, sampler_flags)
-from ..diffusion import SAMPLERS, SamplerConfig
+from ..diffusion import SAMPLERS, Diffusion, SamplerConfig
 from ..io_utils import (atomic_path, check_writable, fingerprint, guard_results, remove_stale_temporaries,
                         run_name)
 from ..models import Captions, bundled, family_of, sha256
 from ..plots.cache import figure, figure_plotly
-from .base import CacheConfig
+from .base import REGISTRY, CacheConfig
+from .calibrate import BUDGETS, calibrate, load_calibration
 from .schedule import preset
-from .sweep import SWEEP_METHODS, SweepConfig, sweep, table
+from .sweep import FORECAST_SPECS, SWEEP_METHODS, SweepConfig, parse_spec, sweep, table
 
 __all__ = ["main", "parse_windows", "sweep", "table", "write"]
 
@@ -53,13 +60,23 @@ def parse_windows(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def _threshold_help() -> str:
+    """``dbcache 0.08, 0.16, 0.32; ...``: the dynamic methods' default thresholds, from the registry."""
+    return "; ".join(f"{n} " + ", ".join(f"{d['threshold']:g}" for d in c.sweep)
+                     for n, c in REGISTRY.items() if c.dynamic)
+
+
 def _parser():
     d = SweepConfig()
     p = parser("python -m smoothness.cache", __doc__)
     a = p.add_argument
     add_model_args(p)
-    a("--methods", default=",".join(SWEEP_METHODS),
-      help=f"comma-separated, from {', '.join(SWEEP_METHODS)} (default: all four; none is the reference)")
+    a("--methods", default="all",
+      help=f"comma-separated, from {', '.join(SWEEP_METHODS)}, or METHOD+FORECAST with FORECAST one of taylor1, "
+           f"taylor2, foca (e.g. skip-cache+taylor1); 'all' is every method plus {', '.join(FORECAST_SPECS)} "
+           "(default: all; none is the reference)")
+    a("--thresholds", default=None, help="thresholds of the dynamic methods, comma-separated (default: each "
+      f"method's own: {_threshold_help()})")
     a("--intervals", "--cache-interval", dest="intervals", default=",".join(map(str, d.intervals)),
       help=f"N values (default: {','.join(map(str, d.intervals))})")
     a("--k", default=None,
@@ -70,8 +87,7 @@ def _parser():
       "(lt, Latte c2v) (default: le)")
     a("--preset", default=None, help="official settings: dit-c2i (k=4, 20-1000, le), latte-c2v (k=1, 50-900, lt), "
       "latte-t2v (k=1, 50-700, le), hunyuan (k=1, 50-700, le) or N<interval>-<start>-<stop>, e.g. N2-700-50; "
-      "replaces --k, --windows, "
-      "--stop-rule (and --intervals for the N spelling) (default: none)")
+      "replaces --k, --windows, --stop-rule (and --intervals for the N spelling) (default: none)")
     a("--num-sampling-steps", type=int, default=d.sampler.num_steps, help=f"(default: {d.sampler.num_steps})")
     a("--sampler", choices=list(SAMPLERS), default=d.sampler.sampler, help=f"(default: {d.sampler.sampler})")
     a("--cfg-scale", type=float, default=None, help="guidance >= 1 (default: 3.0, the digits setting, for "
@@ -91,6 +107,11 @@ def _parser():
       "cache_sweep_digits-dit_digits-skip-dit_DDPM-50)")
     a("--overwrite", action="store_true", help="replace a finished result of a different configuration "
       "(default: refuse)")
+    a("--resume", action="store_true", help="skip the (model, method, setting, seed) cells already in "
+      "<out>/<name>.partial.nc, which the sweep rewrites after every cell (default: start afresh)")
+    a("--calibration", type=Path, default=None, metavar="FILE", help="a calibration file (python -m "
+      "smoothness.cache calibrate) for the calibrated methods instead of a calibration run; one model only "
+      "(default: calibrate once per model and seed)")
     add_sampler_args(p)
     return p
 
@@ -99,10 +120,14 @@ def _grid(args):
     """(methods, intervals, ks, windows, stop_inclusive) from the flags, the preset applied."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
-        raise ValueError(f"--methods {args.methods!r} is empty; allowed: {', '.join(SWEEP_METHODS)}")
+        raise ValueError(f"--methods {args.methods!r} is empty; allowed: all, {', '.join(SWEEP_METHODS)}")
+    if methods == ["all"]:
+        methods = list(SWEEP_METHODS) + list(FORECAST_SPECS)
     for m in methods:
-        if m not in SWEEP_METHODS:
-            raise ValueError(f"unknown method {m!r} in --methods; allowed: {', '.join(SWEEP_METHODS)}")
+        try:
+            parse_spec(m)
+        except ValueError as e:
+            raise ValueError(f"{e} (in --methods)") from None
     d = SweepConfig()
     intervals = parse_int_list(args.intervals, "--intervals", unique=True)
     ks = parse_int_list(args.k if args.k is not None else ",".join(map(str, d.ks)), "--k", unique=True)
@@ -166,8 +191,12 @@ def _sampler(args, models: dict, captions) -> SamplerConfig:
 
 
 def main(argv=None):
+    argv = list(argv) if argv is not None else None
+    if argv and argv[0] == "calibrate":
+        return calibrate_main(argv[1:])
     args = _parser().parse_args(argv)
     methods, intervals, ks, windows, stop_inclusive = _grid(args)
+    thresholds = _floats(args.thresholds, "--thresholds") if args.thresholds is not None else []
     classes = parse_int_list(args.classes if args.classes is not None else "0,1,2,3,4,5,6,7,8,9", "--classes",
                              unique=True)
     seeds = parse_int_list(args.seed, "--seed", unique=True)
@@ -191,23 +220,32 @@ def main(argv=None):
     sampler = official_sampler(sampler, models.values(), given)
     cfg = SweepConfig(sampler=sampler, methods=methods, intervals=intervals, ks=ks,
                       windows=windows, seeds=seeds, classes=classes, per_class=args.per_class,
-                      stop_inclusive=stop_inclusive, captions=captions)
+                      stop_inclusive=stop_inclusive, captions=captions, thresholds=thresholds)
+    if args.calibration is not None:
+        cfg = replace(cfg, calibration=_checked_calibration(args.calibration, models, cfg))
+    _run(args, names, models, cfg, out)
+
+
+def _run(args, names, models: dict, cfg: SweepConfig, out: Path):
+    """Name the result, refuse to replace another configuration's, sweep (resumably), write."""
     sums = [sha256(bundled.weight_path(n) if n in bundled.BUNDLED else Path(n)) for n in names]
     name = args.name or run_name("cache_sweep", list(models), cfg.sampler.label)
     fp = fingerprint(config_json(cfg), names, sums)
     guard_results([out / f"{name}.nc"], fp, args.overwrite)
-    for stale in remove_stale_temporaries(out / f"{name}{ext}" for ext in (".nc", ".png", ".html")):
+    for stale in remove_stale_temporaries(out / f"{name}{ext}" for ext in (".nc", ".partial.nc", ".png", ".html")):
         print(f"removed {stale}, left by an interrupted write")
     print(f"writing {out / name}.nc, .png and .html")
-    t0 = time.time()
-    ds = sweep(models, cfg)
+    t0, cpu0 = time.time(), time.process_time()
+    ds = sweep(models, cfg, partial=out / f"{name}.partial.nc", resume=args.resume)
     ds.attrs.update(models=",".join(str(n) for n in names), sha256=",".join(sums), fingerprint=fp,
-                    preset=args.preset or "", methods=",".join(methods), seconds_total=time.time() - t0,
-                    **chain.sampler_attrs(sampler))
+                    preset=args.preset or "", methods=",".join(cfg.methods), seconds_total=time.time() - t0,
+                    cpu_seconds_total=time.process_time() - cpu0, **chain.sampler_attrs(cfg.sampler))
+    captions = cfg.captions
     if captions is not None:
         ds.attrs.update(**captions.attrs(), captions=len(captions.embeds), caption_tokens=captions.embeds.shape[1])
         del ds.attrs["classes"]
     paths = write(ds, out, name)
+    (out / f"{name}.partial.nc").unlink(missing_ok=True)
     print(table(ds))
     print(f"{time.time() - t0:.0f}s; wrote " + ", ".join(str(p) for p in paths))
 
@@ -223,3 +261,76 @@ def write(ds: xr.Dataset, out: Path, name: str) -> list[Path]:
     with atomic_path(html) as tmp:
         figure_plotly(ds).write_html(tmp, include_plotlyjs=True)
     return [nc, png, html]
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} {text!r} is not a comma-separated list of numbers") from None
+    for v in values:
+        if not v >= 0:
+            raise ValueError(f"{what}: threshold {v:g} is not allowed; use a number >= 0 (0 computes every step)")
+    if not values:
+        raise ValueError(f"{what} is empty")
+    return values
+
+
+def _checked_calibration(path: Path, models: dict, cfg: SweepConfig):
+    """The file, checked against the one model and the sweep's chain before any work."""
+    if len(models) != 1:
+        raise ValueError(f"--calibration fits one model; {len(models)} were given")
+    cal = load_calibration(path)
+    cal.check_model(next(iter(models.values())))
+    chain = list(Diffusion.for_config(cfg.sampler).chain)
+    if list(cal.timesteps) != chain or cal.cfg_scale != cfg.sampler.cfg_scale:
+        raise ValueError(f"calibration file made for chain {cal.chain} with cfg {cal.cfg_scale:g}, but the sweep "
+                         f"runs {cfg.sampler.label} with cfg {cfg.sampler.cfg_scale:g}; calibrate with the sweep's "
+                         "sampler flags")
+    return cal
+
+
+def _calibrate_parser():
+    p = parser("python -m smoothness.cache calibrate", "Write TeaCache coefficients, MagCache ratios and "
+               "SmoothCache / cache-dit masks of one model from one uncached run, as one JSON.")
+    add_model_args(p)
+    a = p.add_argument
+    d = SweepConfig()
+    a("--num-sampling-steps", type=int, default=d.sampler.num_steps, help=f"(default: {d.sampler.num_steps})")
+    a("--sampler", choices=list(SAMPLERS), default=d.sampler.sampler, help=f"(default: {d.sampler.sampler})")
+    a("--cfg-scale", type=float, default=None, help="guidance (default: 3.0 for class-conditional models, else 1)")
+    a("--seed", type=int, default=0, help="seed of the calibration run (default: 0)")
+    a("--classes", default=None, help="class labels (default: 0..9 for class-conditional models)")
+    a("--per-class", type=int, default=d.per_class, help=f"samples per class (default: {d.per_class})")
+    a("--budgets", default=",".join(f"{b:g}" for b in BUDGETS),
+      help="mask budgets: fractions of the steps computed, comma-separated (default: %(default)s)")
+    a("--out", type=Path, default=Path("calibration.json"), help="the JSON file (default: calibration.json)")
+    return p
+
+
+def calibrate_main(argv=None):
+    args = _calibrate_parser().parse_args(argv)
+    budgets = _floats(args.budgets, "--budgets")
+    for b in budgets:
+        if not 0 < b <= 1:
+            raise ValueError(f"--budgets: budget {b:g} is not allowed; use a fraction of the steps computed in (0, 1]")
+    names = (args.model or []) + (args.ckpt or [])
+    if len(names) != 1:
+        raise ValueError(f"calibrate takes one model (--model or --ckpt), got {len(names)}")
+    if args.per_class < 1:
+        raise ValueError(f"--per-class={args.per_class} is not allowed; use a positive integer")
+    check_writable(args.out.parent if str(args.out.parent) else Path("."))
+    models = _load_models(names, args, None, [1])
+    (label, model), = models.items()
+    sampler = _sampler(args, models, None)
+    y = None
+    if model.config.num_classes:
+        y = torch.tensor([c for c in parse_int_list(args.classes or "0,1,2,3,4,5,6,7,8,9", "--classes")
+                          for _ in range(args.per_class)])
+    shape = (len(y) if y is not None else 10 * args.per_class, *model.sample_shape())
+    path = bundled.weight_path(names[0]) if names[0] in bundled.BUNDLED else Path(names[0])
+    cal = calibrate(model, Diffusion.for_config(sampler), shape, y, sampler, seed=args.seed, budgets=budgets,
+                    label=label, file_sha256=sha256(path))
+    cal.save(args.out)
+    print(f"wrote {args.out}: teacache {len(cal.teacache)} coefficients, magcache {len(cal.timesteps)} ratios per "
+          f"half ({', '.join(cal.magcache)}), masks for budgets {', '.join(cal.masks)}")

@@ -19,8 +19,8 @@ through ``caption_projection`` once per sample. L is the caption length the mode
 
 Families whose table row says ``macs="measured"`` (the diffusers adapters, HunYuan-DiT) are counted
 by running each stage once on one zero sample under ``FlopCounterMode`` (every matmul, conv and
-attention the class really runs, CPU attention included), per unit and per FORA branch, so a cache
-schedule's cost follows from which units a call runs.
+attention the class really runs, CPU attention included), per unit and per FORA branch; ``Shape.of``
+then gives a ``MeasuredShape`` with the same interface, so every method's own accounting applies.
 
 For DiT-XL/2 at 256 px this gives 118.6 GMACs for the vanilla forward, the "118.6 Gflops" of the DiT
 paper (which counts MACs), and 2 * 256 * 1152^2 = 0.68 GMACs per Skip-DiT fusion.
@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .. import hooks
 from ..models.protocol import family_of
+from .base import CacheConfig
 
 FREQ_SIZE = 256       # sinusoidal timestep features fed to the timestep MLP (DiT)
 CAPTION_TOKENS = 120  # text-to-video caption length L unless told: the Latte pipeline pads T5 outputs to 120
@@ -60,11 +61,13 @@ class Shape:
 
     @classmethod
     def of(cls, model_or_config, caption_tokens: int | None = None) -> "Shape":
-        """``caption_tokens``: L of the captions a text-to-video model is called with (default 120)."""
+        """``caption_tokens``: L of the captions a text-to-video model is called with (default 120).
+        A model of a measured family gives its ``MeasuredShape``."""
         c = getattr(model_or_config, "config", model_or_config)
-        if getattr(c, "class_name", "") or family_of(model_or_config).macs == "measured":
-            raise ValueError(f"{getattr(c, 'class_name', type(model_or_config).__name__)} has no analytic MAC formula; "
-                             "its MACs are counted with flops.measure(model)")
+        if hasattr(model_or_config, "family") and family_of(model_or_config).macs == "measured":
+            return MeasuredShape.of(model_or_config, caption_tokens)
+        if getattr(c, "class_name", ""):
+            raise ValueError(f"MACs of {c.class_name} are measured on the model; pass the model, not its config")
         frames = int(getattr(c, "num_frames", 0) or 0)
         units = c.depth // 2 if frames else c.depth
         text = int(getattr(c, "caption_channels", 0) or 0)
@@ -78,6 +81,10 @@ class Shape:
     @property
     def units(self) -> int:
         return self.depth // 2 if self.frames else self.depth
+
+    def full_call(self) -> int:
+        """MACs per sample of one uncached call."""
+        return always_macs(self) + self.units * block_macs(self) + fusion_macs(self, self.fusions)
 
 
 def _block(rows: int, seqs: int, length: int, H: int, M: int, prefix: str) -> dict[str, int]:
@@ -143,23 +150,28 @@ def block_macs(shape: Shape, branches: bool = True) -> int:
     return out
 
 
-def call_macs(shape: Shape, method: str = "none", k: int = 0, full: bool = True) -> int:
-    """MACs per sample of one model call under ``method`` (full or cached); ``k`` counts units."""
-    c = components(shape)
-    always = sum(v for name, v in c.items() if name.partition(".")[0] not in ("block", "spatial", "temporal", "fusion"))
-    U, B = shape.units, block_macs(shape)
-    fuse = lambda n: n * c["fusion"] if shape.fusions else 0
-    if full or method == "none":
-        return always + U * B + fuse(shape.fusions)
-    if method == "skip-cache":
-        return always + 2 * k * B + fuse(k)                      # units 0..k-1 and U-k..U-1
-    if method == "deep-reuse":
-        return always + k * B + fuse(k)                          # units U-k..U-1 only
-    if method == "delta":
-        return always + 2 * k * B + fuse(k)
-    if method == "fora":
-        return always + U * block_macs(shape, branches=False) + fuse(shape.fusions)
-    raise ValueError(f"unknown method {method!r}; allowed: skip-cache, deep-reuse, delta, fora, none")
+def always_macs(shape: Shape) -> int:
+    """MACs per sample of what every call runs whatever is cached: embeddings, conditioning, final layer."""
+    if isinstance(shape, MeasuredShape):
+        return shape.measured.always
+    return sum(v for name, v in components(shape).items()
+               if name.partition(".")[0] not in ("block", "spatial", "temporal", "fusion"))
+
+
+def fusion_macs(shape: Shape, n: int) -> int:
+    """MACs per sample of ``n`` Skip-DiT fusions (0 on a model without skips)."""
+    return n * components(shape)["fusion"] if shape.fusions else 0
+
+
+def units_macs(shape: Shape, units, branches: bool = True) -> int:
+    """MACs per sample of running the given units (indices), with the fusions those units make."""
+    units = list(units)
+    if isinstance(shape, MeasuredShape):
+        m = shape.measured
+        return sum(m.units[u] - (0 if branches else m.branches[u]) for u in units)
+    half = shape.units // 2
+    fused = sum(1 for u in units if shape.fusions and u >= half)
+    return len(units) * block_macs(shape, branches) + fusion_macs(shape, fused)
 
 
 # ------------------------------------------------------------------ measured
@@ -183,16 +195,9 @@ class Measured:
     branches: tuple[int, ...]
 
     def call(self, method: str = "none", k: int = 0, full: bool = True) -> int:
-        U, run = len(self.units), lambda us: sum(self.units[u] for u in us)
-        if full or method == "none":
-            return self.always + run(range(U))
-        if method in ("skip-cache", "delta"):
-            return self.always + run(list(range(k)) + list(range(U - k, U)))
-        if method == "deep-reuse":
-            return self.always + run(range(U - k, U))
-        if method == "fora":
-            return self.always + run(range(U)) - sum(self.branches)
-        raise ValueError(f"unknown method {method!r}; allowed: skip-cache, deep-reuse, delta, fora, none")
+        """MACs per sample of one call under ``method`` (full or cached), by the method's own accounting."""
+        return call_macs(MeasuredShape(self, 0), method, k, full)
+
 
 
 _MEASURED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {caption_tokens: Measured}
@@ -242,34 +247,70 @@ def _measure(model, caption_tokens: int | None) -> Measured:
     return Measured(always, tuple(units), tuple(b // 2 for b in branch_flops))
 
 
-def _per_call(model_or_config, caption_tokens):
-    """(method, k, full) -> MACs per sample, analytic or measured by the model's family."""
-    if getattr(model_or_config, "family", None) and family_of(model_or_config).macs == "measured":
-        m = measure(model_or_config, caption_tokens)
-        return m.call
-    if not hasattr(model_or_config, "family") and getattr(model_or_config, "class_name", ""):
-        raise ValueError(f"MACs of {model_or_config.class_name} are measured on the model; pass the model, "
-                         "not its config")
-    shape = Shape.of(model_or_config, caption_tokens)
-    return lambda method="none", k=0, full=True: call_macs(shape, method, k, full)
+@dataclass(frozen=True)
+class MeasuredShape:
+    """A measured model seen through ``Shape``'s interface (units, hidden, frames, full_call), so that
+    ``always_macs`` and ``units_macs`` (and every method's accounting) use the counted stages."""
+
+    measured: Measured
+    hidden: int
+    frames: int = 0
+
+    @classmethod
+    def of(cls, model, caption_tokens: int | None = None) -> "MeasuredShape":
+        c = model.config
+        return cls(measure(model, caption_tokens), int(getattr(c, "hidden_size", 0) or 0),
+                   int(getattr(c, "num_frames", 0) or 0))
+
+    @property
+    def units(self) -> int:
+        return len(self.measured.units)
+
+    def full_call(self) -> int:
+        return self.measured.always + sum(self.measured.units)
+
+
+def call_macs(shape: Shape, method: str = "none", k: int = 0, full: bool = True) -> int:
+    """MACs per sample of one model call under ``method`` (full or cached); ``k`` counts units.
+    The formulas live with each method (its ``call_macs``); this is the short spelling."""
+    config = CacheConfig(method=method, k=max(int(k), 1))
+    return config.kind().call_macs(shape, config, "full" if full else "cached")
 
 
 def schedule_cost(model_or_config, config, timesteps, batch: int = 1, caption_tokens: int | None = None) -> xr.Dataset:
-    """Per-step MACs of ``config`` (a ``CacheConfig``) over a chain, and its theoretical speedup
-    against the same model uncached. ``batch`` counts rows per call (CFG doubles it);
+    """Per-step MACs of ``config`` (a static ``CacheConfig``) over a chain, and its theoretical
+    speedup against the same model uncached. ``batch`` counts rows per call (CFG doubles it);
     ``caption_tokens`` is L for text-to-video models (default 120)."""
-    cost = _per_call(model_or_config, caption_tokens)
+    shape = Shape.of(model_or_config, caption_tokens)
     sched = config.schedule(timesteps)
-    per_step = [batch * cost(config.method, config.k, f) for f in sched.full]
-    base = batch * cost()
+    method = config.kind()
+    kinds = [method.call_kind(config, t, f) for t, f in zip(sched.timesteps, sched.full)]
+    return _cost(shape, config, [{kind: batch} for kind in kinds], list(sched.timesteps), sched.mask, batch)
+
+
+def run_cost(model_or_config, state, caption_tokens: int | None = None) -> xr.Dataset:
+    """Per-step MACs of the calls a ``CacheState`` recorded (rows of each kind), for static and
+    dynamic methods alike, and the theoretical speedup against the same calls uncached."""
+    shape = Shape.of(model_or_config, caption_tokens)
+    rows = [dict(c.rows) for c in state.calls]
+    batch = sum(rows[0].values()) if rows else 0
+    return _cost(shape, state.config, rows, [c.timestep for c in state.calls], state.mask, batch)
+
+
+def _cost(shape: Shape, config, rows: list[dict], timesteps: list[int], mask: str, batch: int) -> xr.Dataset:
+    method = config.kind()
+    per_step = [sum(n * method.call_macs(shape, config, kind) for kind, n in r.items()) for r in rows]
+    full = [r.get("full", 0) / max(sum(r.values()), 1) for r in rows]
+    base = sum(sum(r.values()) for r in rows) * shape.full_call()
     total = sum(per_step)
     ds = xr.Dataset(
         {"macs": ("step", per_step, {"long_name": "multiply-accumulates of the model call", "units": "MAC"}),
-         "full": ("step", list(sched.full), {"long_name": "full (True) or cached (False) call"})},
-        coords={"step": list(range(1, len(sched) + 1)), "timestep": ("step", list(sched.timesteps))})
-    ds.attrs.update(method=config.method, config=config.name, mask=sched.mask, batch=batch,
-                    full_steps=sched.num_full, cached_steps=sched.num_cached, total_macs=total,
-                    uncached_macs=base * len(sched), theoretical_speedup=base * len(sched) / total)
+         "full": ("step", [f == 1 for f in full], {"long_name": "full (True) or cached (False) call"}),
+         "full_fraction": ("step", full, {"long_name": "fraction of the rows computed in full", "units": "1"})},
+        coords={"step": list(range(1, len(rows) + 1)), "timestep": ("step", timesteps)})
+    ds.attrs.update(method=config.method, config=config.name, mask=mask, batch=batch,
+                    full_steps=sum(full), cached_steps=len(full) - sum(full), total_macs=total,
+                    uncached_macs=base, theoretical_speedup=base / total)
     return ds
 
 

@@ -24,15 +24,29 @@ import time
 import torch
 
 from .. import hooks
-from .base import METHODS, CacheConfig, CacheState, Method
-from .baselines import BASELINES
+from . import flops
+from .base import CacheConfig, CacheState, Method, method_class, register
+from .forecast import recall, remember
 
-__all__ = ["METHODS", "CacheConfig", "CacheState", "Method", "SkipCache", "apply_cache", "apply_skip_cache",
+__all__ = ["CacheConfig", "CacheState", "Method", "SkipCache", "apply_cache", "apply_skip_cache",
            "get_method", "sample"]
 
 
+@register
 class SkipCache(Method):
+    """Skip-Cache: a cached call runs units 0..k-1 and L-k..L-1 and fuses the stored input of unit L-k."""
+
     name = "skip-cache"
+    disabled = {"interval": 1, "k": 1}
+    example = {"interval": 2, "k": 1, "t_stop": -1}
+    uses = ("interval", "window", "k", "forecast")
+
+    @classmethod
+    def check(cls, model, config):
+        super().check(model, config)
+        if not model.skip_into:
+            raise ValueError("Skip-Cache needs a model with skip branches (a Skip-DiT); this model has none. "
+                             "Use method='deep-reuse' for the same schedule on a vanilla DiT")
 
     def forward(self, model, state, x, t, y, full):
         L, k = model.num_units, state.config.k
@@ -41,21 +55,26 @@ class SkipCache(Method):
             for u in range(L):
                 if u == L - k:
                     state.payload = {"h": trunk.h}               # input of unit L-k before fusion (N, T, H)
+                    remember(state, "h", trunk.h)
                 model.run_unit(u, trunk)
         else:
             for u in range(k):                                   # shallow units push fresh skips
                 model.run_unit(u, trunk)
-            model.run_unit(L - k, trunk, deep=state.payload["h"])   # cached input fused with skip of unit k-1
+            deep = recall(state, "h", state.payload["h"])        # the stored (or forecast) deep input
+            model.run_unit(L - k, trunk, deep=deep)              # fused with the fresh skip of unit k-1
             for u in range(L - k + 1, L):
                 model.run_unit(u, trunk)
         return model.head(trunk)                                 # (N, C_out, H, W)
 
+    def call_macs(self, shape, config, kind):
+        if kind == "full":
+            return shape.full_call()
+        U, k = shape.units, config.k
+        return flops.always_macs(shape) + flops.units_macs(shape, list(range(k)) + list(range(U - k, U)))
+
 
 def get_method(name: str) -> Method:
-    table = {"skip-cache": SkipCache, "none": Method, **BASELINES}
-    if name not in table:
-        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
-    return table[name]()
+    return method_class(name)()
 
 
 @contextlib.contextmanager
@@ -76,11 +95,15 @@ def apply_cache(model, config: CacheConfig):
         out = method.forward(model, state, x, t, y, full)
         if full and state.payload is not None:
             state.payload["batch"] = tuple(x.shape)
-        state.end(t_now, full, time.perf_counter() - start)
+        state.end(t_now, full, time.perf_counter() - start, x.shape[0], method.call_kind(config, t_now, full))
         return out
 
-    with hooks.override({model: forward, **method.overrides(model, state)}):
-        yield state
+    try:
+        with hooks.override({model: forward, **method.overrides(model, state)}):
+            yield state
+    except BaseException:
+        state.reset()                       # an interrupted chain leaves no cached tensors behind
+        raise
 
 
 def apply_skip_cache(model, config: CacheConfig | None = None):

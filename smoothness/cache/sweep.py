@@ -1,21 +1,33 @@
-"""The cache sweep as library code: every (method, interval, k, window) run on every model and seed,
-compared with the uncached run from the same seed.
+"""The cache sweep as library code: every method and setting on every model and seed, compared with
+the uncached run from the same seed, on one quality-vs-MACs plane.
 
     from smoothness.cache.sweep import SweepConfig, sweep
-    ds = sweep({"digits-skip-dit": model}, SweepConfig(methods=("skip-cache",), intervals=(2, 3)))
+    ds = sweep({"digits-skip-dit": model}, SweepConfig(methods=("skip-cache", "dbcache"), intervals=(2, 3)))
 
-For every model and seed the uncached chain is the reference; every run starts from the same seed
-and is compared with it: PSNR / SSIM / MSE of the final samples, per-step cosine similarity of the
-model outputs, classifier accuracy and Frechet distance (digits models), steps computed and reused,
-theoretical speedup (MACs) and realized speedup (wall time). Skip-Cache on a model without skip
-branches is left empty (NaN): use deep-reuse there.
+Each method spec is a registered method, or ``method+forecast`` (``skip-cache+taylor1``) for a
+reusing method with TaylorSeer / FoCa forecasting. A static method runs every (interval, k, window)
+of the grid (k only if it uses k); a dynamic one runs its own settings (``Method.sweep_settings``,
+or ``thresholds``). The result has dims (model, method, setting, seed): ``setting`` numbers a
+method's settings, and ``config`` (method, setting) names each one (NaN cells: no such setting).
+
+For every model and seed the uncached chain is the reference: PSNR / SSIM / MSE of the final
+samples, per-step cosine similarity of the model outputs, classifier accuracy and Frechet distance
+(digits models), calls computed and reused, theoretical speedup (MACs of the calls actually made)
+and realized speedup (wall time). Methods that need a calibration get one run per (model, sampler,
+seed), recorded in the attrs. Skip-Cache on a model without skip branches is left empty (NaN).
+
+With ``partial`` the results so far are written there (atomically) after every cell, and with
+``resume`` the cells already in that file are skipped: the resumed result equals an uninterrupted
+run except for wall times.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,15 +36,18 @@ import xarray as xr
 from .. import chain, metrics
 from ..data import classifier
 from ..diffusion import Diffusion, SamplerConfig
-from ..io_utils import versions
+from ..io_utils import atomic_path, versions
 from ..models import Captions
 from ..models.bundled import is_pixel_digits
 from ..models.protocol import family_of
 from . import flops
-from .base import METHODS, CacheConfig
+from .base import FORECASTS, CacheConfig, method_class, method_names
+from .calibrate import calibrate
 from .skip_cache import apply_cache
 
-SWEEP_METHODS = tuple(m for m in METHODS if m != "none")    # "none" is the reference every run is compared with
+SWEEP_METHODS = tuple(m for m in method_names() if m != "none")    # "none" is the reference of every run
+FORECAST_SPECS = ("skip-cache+taylor1", "skip-cache+taylor2", "skip-cache+foca", "deep-reuse+taylor1",
+                  "fora+taylor1", "dbcache+taylor1")               # the forecasting variants "all" adds
 
 SCORES = {  # variable: (long name, units)
     "psnr": ("PSNR against the uncached run, mean over samples", "dB"),
@@ -40,9 +55,9 @@ SCORES = {  # variable: (long name, units)
     "mse": ("MSE against the uncached run, mean over samples", "(data units)^2"),
     "accuracy": ("digits-classifier accuracy on the requested classes", "1"),
     "frechet": ("Frechet distance to real digits in classifier features", "1"),
-    "full_steps": ("model calls computed in full", "1"),
+    "full_steps": ("model calls computed in full (a call whose rows differed counts its full fraction)", "1"),
     "cached_steps": ("model calls served from the cache", "1"),
-    "theoretical_speedup": ("uncached MACs / cached MACs over the chain", "1"),
+    "theoretical_speedup": ("uncached MACs / MACs of the calls made, over the chain", "1"),
     "realized_speedup": ("uncached wall time / cached wall time", "1"),
     "call_speedup": ("steps x median full-call time / total call time, within the cached run "
                      "(insensitive to load drift between runs)", "1"),
@@ -50,16 +65,27 @@ SCORES = {  # variable: (long name, units)
     "temporal_change_ratio": ("videos: frame-to-frame change of the cached run / of the uncached run, "
                               "mean over samples", "1"),
 }
-DIMS = ("model", "method", "interval", "k", "window", "seed")
+WALL = ("realized_speedup", "call_speedup", "seconds")             # wall-time variables: differ between runs
+DIMS = ("model", "method", "setting", "seed")
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``"skip-cache+taylor1"`` -> ("skip-cache", "taylor1"); a plain name -> (name, "reuse")."""
+    name, _, forecast = spec.partition("+")
+    allowed = [m for m in method_names() if m != "none"]            # live: methods registered later count
+    if name not in allowed:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(allowed)} (or METHOD+FORECAST, "
+                         f"FORECAST one of {', '.join(FORECASTS[1:])})")
+    return name, forecast or "reuse"
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """The grid a sweep runs: methods x intervals x k x windows, on every seed."""
+    """The grid a sweep runs: methods x their settings, on every seed."""
 
     sampler: SamplerConfig = SamplerConfig(num_steps=50, cfg_scale=3.0, clip_denoised=True)  # DDPM-50, digits CFG
-    methods: tuple[str, ...] = SWEEP_METHODS          # compared with the uncached run
-    intervals: tuple[int, ...] = (2, 3, 4)            # N: a full step every N calls
+    methods: tuple[str, ...] = SWEEP_METHODS          # method specs compared with the uncached run
+    intervals: tuple[int, ...] = (2, 3, 4)            # N of the static methods: a full step every N calls
     ks: tuple[int, ...] = (2,)                        # units recomputed on each side (12-unit bundled models)
     windows: tuple[tuple[int, int], ...] = ((20, 1000),)   # (stop, start): cache while stop < t < start (DiT)
     seeds: tuple[int, ...] = (0,)                     # one reference chain per seed
@@ -67,28 +93,36 @@ class SweepConfig:
     per_class: int = 2                                # samples per class (per caption for text-to-video)
     stop_inclusive: bool = True                       # reset after t <= stop (DiT) or t < stop (Latte c2v)
     captions: Captions | None = None                  # text-to-video models: the captions (N, L, C), loaded
+    thresholds: tuple[float, ...] = ()                # dynamic methods' thresholds; empty: each method's own grid
+    calibration: object = None                        # a Calibration for one model; None: one run per (model, seed)
 
     def __post_init__(self):
         object.__setattr__(self, "captions", Captions.of(self.captions))
-        for name in ("methods", "intervals", "ks", "windows", "seeds", "classes"):
+        for name in ("methods", "intervals", "ks", "windows", "seeds", "classes", "thresholds"):
             object.__setattr__(self, name, tuple(tuple(v) if name == "windows" else v for v in getattr(self, name)))
-            if not getattr(self, name):
+            if not getattr(self, name) and name != "thresholds":
                 raise ValueError(f"{name} is empty; give at least one")
-        for m in self.methods:
-            if m not in SWEEP_METHODS:
-                raise ValueError(f"unknown method {m!r}; allowed: {', '.join(SWEEP_METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods {self.methods} name a method twice")
         if not (isinstance(self.per_class, int) and self.per_class >= 1):
             raise ValueError(f"per_class={self.per_class!r} is not allowed; use a positive integer")
-        for n, k, (stop, start) in itertools.product(self.intervals, self.ks, self.windows):
-            self.cache(self.methods[0], n, k, stop, start)                 # validates interval, k and window
+        for spec in self.methods:
+            self.settings(spec)                                            # validates every setting
 
-    def cache(self, method: str, interval: int, k: int, stop: int, start: int) -> CacheConfig:
-        return CacheConfig(method=method, interval=interval, k=k, t_stop=stop, t_start=start,
-                           stop_inclusive=self.stop_inclusive)
+    def settings(self, spec: str) -> list[CacheConfig]:
+        """The configs of one method spec, in setting order (no calibration attached yet)."""
+        name, forecast = parse_spec(spec)
+        cls = method_class(name)
+        base = dict(method=name, forecast=forecast, stop_inclusive=self.stop_inclusive)
+        if cls.dynamic:
+            return [CacheConfig(**base, **kw) for kw in cls.sweep_settings(self.ks, self.thresholds)]
+        ks = self.ks if "k" in cls.uses else self.ks[:1]
+        return [CacheConfig(**base, interval=n, k=k, t_stop=stop, t_start=start)
+                for n, k, (stop, start) in itertools.product(self.intervals, ks, self.windows)]
 
     @property
-    def window_names(self) -> list[str]:
-        return [self.cache("none", 2, 1, s, e).rule.window for s, e in self.windows]
+    def num_settings(self) -> int:
+        return max(len(self.settings(m)) for m in self.methods)
 
     @property
     def caption_tensor(self) -> torch.Tensor | None:
@@ -106,6 +140,12 @@ class SweepConfig:
             return {"frechet": f"the Frechet distance needs at least 2 samples per chain, this sweep draws "
                                f"{self.samples} (raise --per-class)"}
         return {}
+
+    def grid_json(self) -> str:
+        """What a partial file must match to be resumed: the sampler, samples, seeds and every config name."""
+        return json.dumps({"sampler": dataclasses.asdict(self.sampler), "classes": self.classes,
+                           "per_class": self.per_class, "seeds": self.seeds,
+                           "configs": {m: [c.name for c in self.settings(m)] for m in self.methods}})
 
 
 def run_chain(model, diffusion, shape, y, sampler, seed, config: CacheConfig | None):
@@ -136,28 +176,26 @@ def _condition(label: str, model, cfg: SweepConfig):
 
 
 class _Results:
-    """The sweep's arrays, filled cell by cell."""
+    """The sweep's arrays, filled cell by cell; a cell is done when ``done`` is set."""
 
     def __init__(self, models: dict, cfg: SweepConfig):
-        self.coords = {"model": list(models), "method": list(cfg.methods), "interval": list(cfg.intervals),
-                       "k": list(cfg.ks), "window": cfg.window_names, "seed": list(cfg.seeds)}
+        self.cfg = cfg
+        self.coords = {"model": list(models), "method": list(cfg.methods), "setting": list(range(cfg.num_settings)),
+                       "seed": list(cfg.seeds)}
         size = [len(self.coords[d]) for d in DIMS]
         self.data = {v: np.full(size, np.nan) for v in SCORES}
         self.cos = np.full(size + [cfg.sampler.num_steps], np.nan)
         self.ref = {v: np.full((len(models), len(cfg.seeds)), np.nan) for v in ("accuracy", "frechet", "seconds")}
         self.masks = np.full(size, "", dtype=object)
+        self.done = np.zeros(size, dtype=bool)
+        self.calibrations: dict[str, str] = {}
         fam = {label: family_of(m) for label, m in models.items()}
         self.process = {"model_family": json.dumps({k: f.name for k, f in fam.items()}),
                         "diffusion_process": json.dumps({k: f"{f.schedule} betas, {f.prediction} prediction"
                                                          for k, f in fam.items()})}
 
-    def copy(self, at, source):
-        for v in self.data:
-            self.data[v][at] = self.data[v][source]
-        self.cos[at], self.masks[at] = self.cos[source], self.masks[source]
-
-    def dataset(self, cfg: SweepConfig, diffusion: Diffusion) -> xr.Dataset:
-        sampler = cfg.sampler
+    def dataset(self, diffusion: Diffusion) -> xr.Dataset:
+        cfg, sampler = self.cfg, self.cfg.sampler
         ds = xr.Dataset({v: (DIMS, self.data[v], {"long_name": ln, "units": u}) for v, (ln, u) in SCORES.items()},
                         coords={**self.coords, "step": np.arange(1, sampler.num_steps + 1),
                                 "timestep": ("step", diffusion.chain)})
@@ -165,39 +203,84 @@ class _Results:
                                                           "uncached run, mean over samples", "units": "1"})
         ds["realized_over_theoretical"] = (ds.realized_speedup / ds.theoretical_speedup).assign_attrs(
             long_name="realized speedup / theoretical speedup", units="1")
-        ds["mask"] = (DIMS, self.masks.astype(str), {"long_name": "schedule actually run (F full, c cached)"})
+        ds["mask"] = (DIMS, self.masks.astype(str), {"long_name": "calls actually run (F full, c cached, "
+                                                                  "m rows decided differently)"})
+        ds["done"] = (DIMS, self.done, {"long_name": "cell finished (or left empty on purpose)"})
         for v, arr in self.ref.items():
             ds[f"reference_{v}"] = (("model", "seed"), arr, {"long_name": f"uncached run: {SCORES[v][0]}",
                                                              "units": SCORES[v][1]})
+        self._describe(ds)
         ds.attrs.update(sampler=sampler.sampler, num_sampling_steps=sampler.num_steps, cfg_scale=sampler.cfg_scale,
                         clip_denoised=int(sampler.clip_denoised), classes=list(cfg.classes), per_class=cfg.per_class,
                         seeds=list(cfg.seeds), stop_inclusive=int(cfg.stop_inclusive), data_range=2.0,
+                        torch_threads=torch.get_num_threads(), grid=cfg.grid_json(),
                         skipped_metrics="; ".join(f"{k}: {v}" for k, v in cfg.skipped_metrics.items()),
-                        torch_threads=torch.get_num_threads(), **self.process,
+                        **self.process, **{f"calibration_{k}": v for k, v in self.calibrations.items()},
                         **{f"version_{k}": str(v) for k, v in versions().items()})
+        ds.attrs.update(chain.sampler_attrs(sampler))               # the chain's spacing and guided channels too
         return ds
 
+    def _describe(self, ds: xr.Dataset):
+        """Per (method, setting): the config's name and its settings, for selection and labels."""
+        shape = (len(self.coords["method"]), len(self.coords["setting"]))
+        names, window = np.full(shape, "", dtype=object), np.full(shape, "", dtype=object)
+        nums = {v: np.full(shape, np.nan) for v in ("interval", "k", "threshold", "fn", "bn")}
+        for i, spec in enumerate(self.cfg.methods):
+            for j, c in enumerate(self.cfg.settings(spec)):
+                uses = c.kind.uses
+                names[i, j] = c.name
+                window[i, j] = c.rule.window if "window" in uses else ""
+                for v in nums:
+                    value = getattr(c, v) if v in ("interval", "k") else c.get(v)
+                    if (v in uses or (v == "interval" and "window" in uses)) and value is not None:
+                        nums[v][i, j] = value
+        ds["config"] = (("method", "setting"), names.astype(str), {"long_name": "the run's name (all settings)"})
+        ds["window"] = (("method", "setting"), window.astype(str), {"long_name": "caching window (static methods)"})
+        for v, arr in nums.items():
+            ds[f"setting_{v}"] = (("method", "setting"), arr, {"long_name": f"{v} of the setting (NaN: not used)"})
 
-def sweep(models: dict, cfg: SweepConfig = SweepConfig(), log=print) -> xr.Dataset:
+    def load(self, path: Path):
+        """Take the finished cells of a partial file written by the same grid."""
+        with xr.open_dataset(path, engine="h5netcdf") as old:
+            old = old.load()
+        if old.attrs.get("grid") != self.cfg.grid_json() or list(old.model.values) != self.coords["model"]:
+            raise ValueError(f"--resume: {str(path)!r} was written by another sweep (models, sampler, samples, "
+                             "seeds or settings differ); remove it or run without --resume")
+        for v in self.data:
+            self.data[v][...] = old[v].values
+        self.cos[...], self.masks[...], self.done[...] = old.step_cosine.values, old["mask"].values, old.done.values
+        for v in self.ref:
+            self.ref[v][...] = old[f"reference_{v}"].values
+        self.calibrations = {k[len("calibration_"):]: v for k, v in old.attrs.items() if k.startswith("calibration_")}
+
+
+def sweep(models: dict, cfg: SweepConfig = SweepConfig(), log=print, partial: Path | None = None,
+          resume: bool = False) -> xr.Dataset:
     """Run the grid on ``models`` ({label: model}); returns the labelled Dataset. Unconditional
     models (no class table, e.g. the video pair) draw ``len(classes) * per_class`` unlabelled samples;
-    text-to-video models draw ``per_class`` videos for each caption."""
+    text-to-video models draw ``per_class`` videos for each caption. ``partial``: a file rewritten
+    after every cell; ``resume``: skip the cells that file already holds."""
     diffusion = Diffusion.for_config(cfg.sampler)
     res = _Results(models, cfg)
+    if resume and partial is not None and Path(partial).exists():
+        res.load(Path(partial))
+        log(f"resumed {int(res.done.sum())} of {res.done.size} cells from {partial}")
     clf = classifier.load() if any(is_pixel_digits(m) for m in models.values()) else None
     for metric, why in cfg.skipped_metrics.items():
         log(f"skipping {metric}: {why}")
     for mi, (label, model) in enumerate(models.items()):
+        if res.done[mi].all():
+            continue
         y, tokens = _condition(label, model, cfg)
         shape = (len(cfg.classes) * cfg.per_class if y is None else len(y), *model.sample_shape())
-        rows = shape[0] * (2 if cfg.sampler.cfg_scale > 1 and y is not None else 1)
         with torch.inference_mode():                                  # warm-up: 3 real steps, untimed
             for i, _ in enumerate(diffusion.sample_steps(model, shape, y, cfg.sampler, seed=cfg.seeds[0])):
                 if i == 2:
                     break
         scorer = clf if is_pixel_digits(model) else None
-        skipped = set()
         for si, seed in enumerate(cfg.seeds):
+            if res.done[mi, :, :, si].all():
+                continue
             ref = run_chain(model, diffusion, shape, y, cfg.sampler, seed, None)
             res.ref["seconds"][mi, si] = ref[2]
             if scorer is not None:
@@ -205,28 +288,53 @@ def sweep(models: dict, cfg: SweepConfig = SweepConfig(), log=print) -> xr.Datas
                 if "frechet" not in cfg.skipped_metrics:
                     res.ref["frechet"][mi, si] = metrics.frechet_distance(ref[0], classifier=scorer).item()
             log(f"{label} seed {seed}: uncached {cfg.sampler.num_steps} steps in {ref[2]:.1f}s")
-            for (ai, method), (ni, n), (ki, k), (wi, (stop, start)) in itertools.product(
-                    enumerate(cfg.methods), enumerate(cfg.intervals), enumerate(cfg.ks), enumerate(cfg.windows)):
-                cache = cfg.cache(method, n, k, stop, start)
-                try:
-                    cache.check(model)
-                except ValueError as e:
-                    if method not in skipped:
-                        log(f"  {label} {method}: skipped ({e})")
-                        skipped.add(method)
-                    continue
-                at = (mi, ai, ni, ki, wi, si)
-                if method == "fora" and ki > 0:                      # FORA does not use k: same run
-                    res.copy(at, (mi, ai, ni, 0, wi, si))
-                    continue
-                run = run_chain(model, diffusion, shape, y, cfg.sampler, seed, cache)
-                _score(res, at, run, ref, y, scorer, flops.schedule_cost(model, cache, diffusion.chain, batch=rows,
-                                                                          caption_tokens=tokens),
-                       frechet="frechet" not in cfg.skipped_metrics)
-                log(f"  {label} {cache.name}: {run[3].num_full} full / {run[3].num_cached} cached, speedup "
-                    f"{res.data['theoretical_speedup'][at]:.2f}x theoretical, "
-                    f"{res.data['realized_speedup'][at]:.2f}x realized, PSNR {res.data['psnr'][at]:.2f} dB")
-    return res.dataset(cfg, diffusion)
+            cal = _calibration(res, label, model, diffusion, shape, y, cfg, seed, log)
+            for ai, spec in enumerate(cfg.methods):
+                for ki, cache in enumerate(cfg.settings(spec)):
+                    at = (mi, ai, ki, si)
+                    if res.done[at]:
+                        continue
+                    if cache.kind.calibration:
+                        cache = dataclasses.replace(cache, calibration=cal)
+                    _cell(res, at, label, model, diffusion, shape, y, cfg, seed, cache, ref, scorer, tokens, log)
+                    res.done[at] = True
+                    _save_partial(res, diffusion, partial)
+            res.done[mi, :, :, si] = True                             # settings a method lacks: empty on purpose
+            _save_partial(res, diffusion, partial)
+    return res.dataset(diffusion)
+
+
+def _calibration(res, label, model, diffusion, shape, y, cfg: SweepConfig, seed: int, log):
+    """One calibration run per (model, sampler, seed) when a method needs it; recorded in the attrs."""
+    if not any(method_class(parse_spec(m)[0]).calibration for m in cfg.methods):
+        return None
+    cal = cfg.calibration
+    if cal is None:
+        cal = calibrate(model, diffusion, shape, y, cfg.sampler, seed=seed, label=label)
+        log(f"  {label}: calibrated on one uncached run (seed {seed})")
+    res.calibrations[f"{label}_seed{seed}"] = cal.to_json()
+    return cal
+
+
+def _cell(res, at, label, model, diffusion, shape, y, cfg, seed, cache, ref, scorer, tokens, log):
+    try:
+        cache.check(model)
+    except ValueError as e:
+        log(f"  {label} {cache.name}: skipped ({e})")
+        return
+    run = run_chain(model, diffusion, shape, y, cfg.sampler, seed, cache)
+    _score(res, at, run, ref, y, scorer, flops.run_cost(model, run[3], caption_tokens=tokens),
+           frechet="frechet" not in cfg.skipped_metrics)
+    log(f"  {label} {cache.name}: {run[3].num_full:g} full / {run[3].num_cached:g} cached, speedup "
+        f"{res.data['theoretical_speedup'][at]:.2f}x theoretical, "
+        f"{res.data['realized_speedup'][at]:.2f}x realized, PSNR {res.data['psnr'][at]:.2f} dB")
+
+
+def _save_partial(res: _Results, diffusion, partial: Path | None):
+    if partial is None:
+        return
+    with atomic_path(partial) as tmp:
+        res.dataset(diffusion).to_netcdf(tmp, engine="h5netcdf")
 
 
 def _score(res: _Results, at, run, ref, y, scorer, cost: xr.Dataset, frechet: bool = True):
@@ -249,26 +357,42 @@ def _score(res: _Results, at, run, ref, y, scorer, cost: xr.Dataset, frechet: bo
     data["full_steps"][at], data["cached_steps"][at] = state.num_full, state.num_cached
     data["theoretical_speedup"][at] = cost.attrs["theoretical_speedup"]
     data["realized_speedup"][at] = ref_sec / sec
-    full_calls = [c.seconds for c in state.calls if c.full]
+    full_calls = [c.seconds for c in state.calls if c.full] or [max(c.seconds for c in state.calls)]
     data["call_speedup"][at] = len(state.calls) * float(np.median(full_calls)) / sum(c.seconds for c in state.calls)
     data["seconds"][at] = sec
-    res.masks[at] = state.schedule.mask
+    res.masks[at] = state.mask
 
 
-def table(ds: xr.Dataset) -> str:
-    head = (f"{'model':<18}{'method':<12}{'N':>3}{'k':>3}  {'window':<14}{'full':>5}{'cached':>7}"
-            f"{'theo x':>8}{'real x':>8}{'call x':>8}{'PSNR':>7}{'SSIM':>7}{'acc':>6}{'FD':>8}")
+def pareto(ds: xr.Dataset, model: str, quality: str = "psnr") -> list[tuple[str, str]]:
+    """(method, config) of the runs on the Pareto front of ``model``: no other run has at least the
+    theoretical speedup and at least the quality, one of them strictly more. Mean over seeds."""
+    mean = ds.sel(model=model).mean("seed")
+    pts = [(float(mean.theoretical_speedup.sel({"method": a, "setting": k})), float(mean[quality].sel({"method": a, "setting": k})),
+            str(a), str(ds.config.sel({"method": a, "setting": k}).item()))
+           for a in ds.method.values for k in ds.setting.values
+           if not np.isnan(float(mean[quality].sel({"method": a, "setting": k})))]      # inf PSNR: identical
+    front = [p for p in pts if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1]) for q in pts)]
+    return [(p[2], p[3]) for p in sorted(front)]
+
+
+def table(ds: xr.Dataset, front_only: bool = False) -> str:
+    """One line per run: calls, speedups and quality; ``*`` marks the model's Pareto front (PSNR)."""
+    head = (f"{'model':<18}{'config':<44}{'full':>6}{'cached':>7}{'theo x':>8}{'real x':>8}{'call x':>8}"
+            f"{'PSNR':>7}{'SSIM':>7}{'acc':>6}{'FD':>8}")
     lines = [head, "-" * len(head)]
     for m in ds.model.values:
         acc, fd = ds.reference_accuracy.sel(model=m).mean().item(), ds.reference_frechet.sel(model=m).mean().item()
-        lines.append(f"{m:<18}{'none':<12}{'':>3}{'':>3}  {'':<14}{ds.sizes['step']:>5}{0:>7}{1:>8.2f}{1:>8.2f}{1:>8.2f}"
+        lines.append(f"{m:<18}{'none':<44}{ds.sizes['step']:>6}{0:>7}{1:>8.2f}{1:>8.2f}{1:>8.2f}"
                      f"{'inf':>7}{1:>7.3f}{acc:>6.2f}{fd:>8.2f}")
         mean = ds.sel(model=m).mean("seed")
-        for a, n, k, w in itertools.product(ds.method.values, ds.interval.values, ds.k.values, ds.window.values):
-            r = mean.sel({"method": a, "interval": n, "k": k, "window": w})
-            if np.isnan(r.psnr.item()):
+        front = {c for _, c in pareto(ds, str(m))}
+        for a, k in itertools.product(ds.method.values, ds.setting.values):
+            r = mean.sel({"method": a, "setting": k})
+            name = str(ds.config.sel({"method": a, "setting": k}).item())
+            if np.isnan(r.psnr.item()) or (front_only and name not in front):
                 continue
-            lines.append(f"{'':<18}{a:<12}{n:>3}{k:>3}  {w:<14}{r.full_steps.item():>5.0f}{r.cached_steps.item():>7.0f}"
+            name = ("*" if name in front else " ") + name
+            lines.append(f"{'':<18}{name:<44}{r.full_steps.item():>6.1f}{r.cached_steps.item():>7.1f}"
                          f"{r.theoretical_speedup.item():>8.2f}{r.realized_speedup.item():>8.2f}"
                          f"{r.call_speedup.item():>8.2f}{r.psnr.item():>7.2f}"
                          f"{r.ssim.item():>7.3f}{r.accuracy.item():>6.2f}{r.frechet.item():>8.2f}")
