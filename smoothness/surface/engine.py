@@ -21,11 +21,11 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import hooks
 from ..diffusion import guide, guided_channels
+from .grouped import conv, embedding, layer_norm, linear_bias_only
 from .perturb import DirectionSpec, direction, feature_direction, select_parameters
 
 MODES = ("weights", "features", "latent")
@@ -140,13 +140,13 @@ class GridEngine:
             return lambda *args, **kw: grouped({n: value(n) for n in own}, g, *args, **kw)
         if isinstance(module, nn.Linear):
             if names["weight"] not in self.param_names:                # only the bias is perturbed
-                return _linear_bias_only(module, value, g)
+                return linear_bias_only(module, value, g)
             return self._linear(module, names["weight"], value, g, plans)
         if isinstance(module, nn.Conv2d):
-            return _conv(module, value, g)
+            return conv(module, value, g)
         if isinstance(module, nn.LayerNorm):
-            return _layer_norm(module, value, g)
-        return _embedding(module, value, g)
+            return layer_norm(module, value, g)
+        return embedding(module, value, g)
 
     def _linear(self, module: nn.Linear, wname: str, value, g: int, plans: "_Plans"):
         def fwd(x):
@@ -285,48 +285,6 @@ class GridEngine:
                     trunk.skips[u] = trunk.h
         return model.head(trunk)
 
-
-
-# ---------------------------------------------------------- grouped module forwards
-def _linear_bias_only(module: nn.Linear, value, g: int):
-    def fwd(x):
-        xs = x.reshape(g, -1, x.shape[-1])                             # (G, R*T, in)
-        return torch.baddbmm(value("bias").unsqueeze(1), xs, module.weight.t().expand(g, -1, -1)
-                             ).reshape(*x.shape[:-1], module.out_features)
-    return fwd
-
-
-def _conv(module: nn.Conv2d, value, g: int):
-    def fwd(x):
-        w, bias = value("weight"), value("bias")
-        xs = x.reshape(g, -1, *x.shape[1:])
-        outs = [module._conv_forward(xs[i], w[min(i, len(w) - 1)],
-                                     None if bias is None else bias[min(i, len(bias) - 1)]) for i in range(g)]
-        return torch.cat(outs)
-    return fwd
-
-
-def _layer_norm(module: nn.LayerNorm, value, g: int):
-    def fwd(x):
-        w, bias = value("weight"), value("bias")
-        xs = x.reshape(g, -1, *x.shape[1:])
-        out = F.layer_norm(xs.float(), module.normalized_shape, None, None, module.eps)
-        shape = lambda v: v.reshape(v.shape[0], *([1] * (xs.dim() - 2)), v.shape[-1]).float()
-        if w is not None:
-            out = out * shape(w)
-        if bias is not None:
-            out = out + shape(bias)
-        return out.to(x.dtype).reshape(x.shape)
-    return fwd
-
-
-def _embedding(module: nn.Embedding, value, g: int):
-    def fwd(idx):
-        w = value("weight")                                            # (G, rows, H)
-        ids = idx.reshape(g, -1)
-        rows = torch.stack([F.embedding(ids[i], w[min(i, len(w) - 1)]) for i in range(g)])
-        return rows.reshape(*idx.shape, w.shape[-1])
-    return fwd
 
 
 class _Plans:
