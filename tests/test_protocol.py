@@ -16,7 +16,7 @@ from smoothness.models.latte import LatteConfig
 from smoothness.models.latte_t2v import LatteT2VConfig
 from smoothness.models.protocol import FAMILIES, family_of, is_model, make
 
-README = pathlib.Path(__file__).resolve().parents[1] / "notes" / "README-issue-14.md"
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"          # its "Bring your own DiT" example
 
 
 @pytest.mark.parametrize("name", ["DiT-Mini/2", "DiT-Mini/2-skip", "Latte-Mini/2", "LatteT2V-Mini/2"])
