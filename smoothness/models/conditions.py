@@ -19,6 +19,7 @@ class TextConditioned:
     (no text encoder is bundled)."""
 
     negative_embeds: torch.Tensor | None = None        # (1, L, C); None: zeros
+    pad_hint = ""                                      # how this family pads its captions, for the token error
 
     def check_captions(self, y, batch: int | None = None):
         width = self.config.caption_channels
@@ -41,12 +42,17 @@ class TextConditioned:
             embeds = embeds.detach().float()
         self.negative_embeds = embeds
 
+    def negative(self) -> torch.Tensor | None:
+        """The stored negative embedding (1, L, C), or None for zeros."""
+        return self.negative_embeds
+
     def null_condition(self, y):
+        """The CFG unconditional input: the negative embedding for every row, else zeros like y."""
         self.check_captions(y)
-        neg = self.negative_embeds
+        neg = self.negative()
         if neg is None:
             return torch.zeros_like(y)
         if neg.shape[1] != y.shape[1]:
             raise ValueError(f"negative embeddings have {neg.shape[1]} tokens but the captions have {y.shape[1]}; "
-                             "pad both to the same length")
+                             f"pad both to the same length{self.pad_hint}")
         return neg.to(y.device, y.dtype).expand(y.shape[0], -1, -1)

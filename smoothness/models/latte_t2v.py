@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dit import FP32LayerNorm, HookPoint, PatchEmbed, SkipLinear, TimestepEmbedder, Trunk, _sincos_1d
+from .conditions import TextConditioned
 from .latte import Latte, LatteConfig
 
 
@@ -238,10 +239,11 @@ class TextTrunk(Trunk):
 
 
 # --------------------------------------------------------------------------- the model
-class LatteT2V(Latte):
+class LatteT2V(TextConditioned, Latte):
     """Latte-0 text-to-video; LatteT2V-skip's 14 long skips between pairs when ``config.skips``."""
 
     family = "latte-t2v"
+    pad_hint = " (the Latte pipeline pads T5 outputs to 120)"
 
     def __init__(self, config: LatteT2VConfig):
         nn.Module.__init__(self)            # DiT.__init__ builds DiT-named modules; the layout here is diffusers'
@@ -321,26 +323,13 @@ class LatteT2V(Latte):
             if embeds != "learned" or not hasattr(self.caption_projection, "y_embedding"):
                 raise ValueError(f"negative embeddings {embeds!r} are not allowed; 'learned' needs a checkpoint "
                                  "with caption_projection.y_embedding")
-        elif embeds is not None:
-            embeds = embeds.unsqueeze(0) if embeds.dim() == 2 else embeds
-            self.check_captions(embeds)
-            if embeds.shape[0] != 1:
-                raise ValueError(f"negative embeddings have {embeds.shape[0]} rows; use one (L, C) embedding")
-            embeds = embeds.detach().float()
-        self.negative_embeds = embeds
+            self.negative_embeds = embeds
+            return
+        TextConditioned.set_negative_embeds(self, embeds)
 
-    def null_condition(self, y):
-        """The CFG unconditional input: the negative embedding for every row, else zeros like y."""
-        self.check_captions(y)
+    def negative(self) -> torch.Tensor | None:
         neg = self.negative_embeds
-        if neg is None:
-            return torch.zeros_like(y)
-        if isinstance(neg, str):                                           # "learned"
-            neg = self.caption_projection.y_embedding[None]
-        if neg.shape[1] != y.shape[1]:
-            raise ValueError(f"negative embeddings have {neg.shape[1]} tokens but the captions have {y.shape[1]}; "
-                             "pad both to the same length (the Latte pipeline pads T5 outputs to 120)")
-        return neg.to(y.device, y.dtype).expand(y.shape[0], -1, -1)
+        return self.caption_projection.y_embedding[None] if isinstance(neg, str) else neg   # "learned"
 
     def condition(self, t, y=None):
         """(adaln_single output (N, 6H), timestep embedding (N, H), projected captions (N, L, H))."""
