@@ -30,6 +30,7 @@ import xarray as xr
 from ..cache import CacheConfig, Schedule
 from ..cache.flops import Shape, call_macs, schedule_cost
 from ..diffusion import Diffusion
+from .profile import method_for
 
 METHODS = ("auto", "skip-cache", "deep-reuse", "fora")
 
@@ -51,9 +52,7 @@ class PlanConfig:
             raise ValueError(f"ks={self.ks!r} is not allowed; use integers >= 1 or None")
 
     def method_for(self, model) -> str:
-        if self.method != "auto":
-            return self.method
-        return "skip-cache" if model.skip_into else "fora"
+        return method_for(self.method, model)
 
     def ks_for(self, model) -> list[int]:
         if self.method_for(model) == "fora":

@@ -37,6 +37,13 @@ from ..surface import DirectionSpec, GridEngine, Perturbation
 PLAN_METHODS = ("auto", "skip-cache", "deep-reuse", "fora")
 
 
+def method_for(method: str, model) -> str:
+    """``auto``: Skip-Cache on a model with skip branches, FORA on one without; else ``method``."""
+    if method != "auto":
+        return method
+    return "skip-cache" if model.skip_into else "fora"
+
+
 @dataclass(frozen=True)
 class ProfileConfig:
     """The chain a profile is measured on and how densely."""
@@ -76,9 +83,7 @@ class ProfileConfig:
         return sorted({int(round(v)) for v in np.linspace(2, last, self.probes)})
 
     def method_for(self, model) -> str:
-        if self.method != "auto":
-            return self.method
-        return "skip-cache" if model.skip_into else "fora"
+        return method_for(self.method, model)
 
     def ks_for(self, model) -> list[int]:
         """Calibration k values that fit the model (none for FORA, which has no k)."""

@@ -94,14 +94,25 @@ def resumable(path: Path, expected: xr.Dataset) -> xr.Dataset | None:
     if not path.is_file():
         return None
     ds = load(path)
-    for key in ("config", "models", "model_sha256"):
-        if ds.attrs.get(key) != expected.attrs.get(key):
-            raise ValueError(f"{str(path)!r} is a partial surface of a different run ({key} differs); "
-                             "delete it or use another --out")
-    for dim in DIMS:
-        if not np.array_equal(ds[dim].values, expected[dim].values):
-            raise ValueError(f"{str(path)!r} has different {dim} coordinates; delete it or use another --out")
+    kind, what = _difference(ds, expected)
+    if kind == "attr":
+        raise ValueError(f"{str(path)!r} is a partial surface of a different run ({what} differs); "
+                         "delete it or use another --out")
+    if kind == "dim":
+        raise ValueError(f"{str(path)!r} has different {what} coordinates; delete it or use another --out")
     return ds
+
+
+def _difference(ds: xr.Dataset, ref: xr.Dataset) -> tuple[str | None, str | None]:
+    """What makes ``ds`` part of another run than ``ref``: ("attr", key) for a run attribute, ("dim",
+    name) for coordinates, (None, None) when they are the same run."""
+    for key in ("config", "models", "model_sha256"):
+        if ds.attrs.get(key) != ref.attrs.get(key):
+            return "attr", key
+    for dim in DIMS:
+        if not np.array_equal(ds[dim].values, ref[dim].values):
+            return "dim", dim
+    return None, None
 
 
 def shard_of(ds: xr.Dataset, where: str = "dataset") -> tuple[int, int]:
@@ -123,13 +134,12 @@ def merge(parts: list[xr.Dataset], names: list[str] | None = None) -> xr.Dataset
     first = parts[0]
     for ds, name in zip(parts, names):
         check_schema(ds, name)
-        for key in ("config", "models", "model_sha256"):
-            if ds.attrs.get(key) != first.attrs.get(key):
-                raise ValueError(f"{name} belongs to a different run than {names[0]} ({key} differs); "
-                                 "merge only the shards of one run")
-        for dim in DIMS:
-            if not np.array_equal(ds[dim].values, first[dim].values):
-                raise ValueError(f"{name} has different {dim} coordinates than {names[0]}")
+        kind, what = _difference(ds, first)
+        if kind == "attr":
+            raise ValueError(f"{name} belongs to a different run than {names[0]} ({what} differs); "
+                             "merge only the shards of one run")
+        if kind == "dim":
+            raise ValueError(f"{name} has different {what} coordinates than {names[0]}")
     shards = [shard_of(ds, name) for ds, name in zip(parts, names)]
     n = shards[0][1]
     if any(s[1] != n for s in shards):
