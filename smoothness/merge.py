@@ -1,8 +1,9 @@
-"""Merge the shard files of one surface run into its result.
+"""Merge the shard files of one surface run or one cache sweep into its result.
 
     python -m smoothness.surface --shard 0/2 --out results      # on one node (or a job-array task)
     python -m smoothness.surface --shard 1/2 --out results      # on another
     python -m smoothness.merge results/surface_*.shard-*-of-2.nc --out results/surface.nc
+    python -m smoothness.merge results/cache_sweep_*.shard-*-of-4.nc --out results/sweep.nc --figures
 
 Shards of another configuration or split, a shard given twice or missing, overlapping or unfilled
 cells are refused with one line (exit 2). The result equals a one-process run bit for bit (CPU).
@@ -13,8 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import xarray as xr
+
 from .cli import run_cli
 from .io_utils import check_writable
+from .cache import cli as cache_cli
+from .cache import shards
 from .surface import io
 from .surface.cli import write_figures
 
@@ -24,16 +29,33 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", type=Path, help="the shard files (<name>.shard-I-of-N.nc)")
     p.add_argument("--out", type=Path, required=True, help="the merged result (.nc)")
-    p.add_argument("--figures", action="store_true", help="also draw the surface's figures beside it")
+    p.add_argument("--figures", action="store_true", help="also draw the result's figures beside it")
     args = p.parse_args(argv)
     if args.out.suffix != ".nc":
         raise ValueError(f"--out {str(args.out)!r} is not allowed; give the result's path ending in .nc")
     check_writable(args.out.parent)
-    ds = io.merge([io.load(f) for f in args.files], [str(f) for f in args.files])
-    io.save(ds, args.out)
-    paths = [args.out] + (write_figures(ds, args.out.parent, args.out.stem) if args.figures else [])
+    parts = [_load(f) for f in args.files]
+    if shards.is_sweep(parts[0]):
+        ds = shards.merge(parts, [str(f) for f in args.files])
+        paths = cache_cli.write(ds, args.out.parent, args.out.stem) if args.figures else [args.out]
+        if not args.figures:
+            cache_cli.save(ds, args.out)
+    else:
+        ds = io.merge([io.check_schema(p, str(f)) for p, f in zip(parts, args.files)], [str(f) for f in args.files])
+        io.save(ds, args.out)
+        paths = [args.out] + (write_figures(ds, args.out.parent, args.out.stem) if args.figures else [])
     print(f"merged {len(args.files)} shards: " + ", ".join(str(q) for q in paths))
 
+
+def _load(path: Path):
+    """A result file, read whole (surface or sweep); one line when it is missing or unreadable."""
+    if not path.is_file():
+        raise FileNotFoundError(f"shard file {str(path)!r} does not exist")
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as f:
+            return f.load()
+    except Exception as e:
+        raise ValueError(f"{str(path)!r} is not a readable netCDF file: {e}") from None
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

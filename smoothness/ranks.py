@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -51,3 +53,100 @@ def barrier(timeout_s: float):
         dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
     else:
         dist.barrier()
+
+
+def block(count: int, shard: tuple[int, int]) -> range:
+    """The items shard i of n takes when work is dealt in contiguous blocks (sizes differ by at most
+    one): neighbouring items share set-up work, e.g. one reference chain per (model, seed)."""
+    i, n = shard
+    return range(i * count // n, (i + 1) * count // n)
+
+
+def check_shard_set(shards: list[tuple[int, int]]) -> int:
+    """n, when ``shards`` are shards 0..n-1 of one n-way split, each once; else one line saying what is wrong."""
+    n = shards[0][1]
+    if any(s[1] != n for s in shards):
+        raise ValueError(f"the files come from different shard counts ({sorted({s[1] for s in shards})}); "
+                         "merge the shards of one split")
+    have = sorted(s[0] for s in shards)
+    if have != list(range(n)):
+        dup = sorted({i for i in have if have.count(i) > 1})
+        miss = sorted(set(range(n)) - set(have))
+        raise ValueError(f"shards of a {n}-way split: " + (f"missing {miss}" if miss else "") +
+                         ("; " if miss and dup else "") + (f"given twice {dup}" if dup else ""))
+    return n
+
+
+def shard_attr(text: str | None, where: str = "dataset") -> tuple[int, int]:
+    """(i, n) from a result's ``shard`` attribute ("i/n"); (0, 1) for a whole result."""
+    text = "0/1" if text is None else str(text)
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"{where}: shard attribute {text!r} is not i/n") from None
+    return i, n
+
+
+def add_args(parser, unit: str):
+    """--shard and --barrier-timeout; ``unit`` names what is dealt (e.g. "the grid's chunks")."""
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help=f"do only shard I of N of {unit} and write <name>.shard-I-of-N.nc; merge the N files "
+                             "with python -m smoothness.merge (default: all of it; under torchrun each rank takes "
+                             "its shard and rank 0 merges)")
+    parser.add_argument("--barrier-timeout", type=float, default=3600.0,
+                        help="torchrun: seconds rank 0 waits for the other ranks before failing the job "
+                             "(default: 3600)")
+
+
+def from_args(args) -> tuple[tuple[int, int], bool]:
+    """(shard (i, n), launched by torchrun) from --shard or torchrun's environment, checked."""
+    world = from_env()
+    if world is not None and args.shard:
+        raise ValueError("--shard and torchrun are alternatives: torchrun gives each rank its shard")
+    if not args.barrier_timeout > 0:
+        raise ValueError(f"--barrier-timeout={args.barrier_timeout:g} is not allowed; use a positive number of seconds")
+    return (world or (parse_shard(args.shard) if args.shard else (0, 1))), world is not None
+
+
+def stem(name: str, shard: tuple[int, int]) -> str:
+    """The file stem of one shard's result (the run's name when it is not split)."""
+    return name if shard[1] == 1 else f"{name}.shard-{shard[0]}-of-{shard[1]}"
+
+
+def shard_files(out: Path, name: str, n: int) -> list[Path]:
+    """The n shard files of the run ``name`` in folder ``out``."""
+    return [out / f"{stem(name, (i, n))}.nc" for i in range(n)]
+
+
+def run(shard: tuple[int, int], launched: bool, *, out: Path, name: str, device: str, timeout_s: float,
+        before, part, merge):
+    """Run this process's ``part()`` (which writes ``<out>/<stem>.nc``) and return the whole result,
+    or None where this process does not hold it.
+
+    Under torchrun: a process group; rank 0 runs ``before()`` (e.g. refuse to replace another result)
+    ahead of every rank's work, waits for all ranks, then returns ``merge(shard files)`` and removes the
+    shard files; the other ranks return None. Without torchrun: ``before()`` and ``part()``; a whole
+    run returns its result, one shard prints how to merge and returns None."""
+    if not launched:
+        before()
+        t0 = time.time()
+        ds = part()
+        if shard[1] == 1:
+            return ds
+        print(f"shard {shard[0]}/{shard[1]} done in {time.time() - t0:.0f}s: {out / stem(name, shard)}.nc; when all "
+              f"{shard[1]} are done: python -m smoothness.merge {out / name}.shard-*-of-{shard[1]}.nc "
+              f"--out {out / name}.nc")
+        return None
+    with process_group(device, timeout_s):
+        if shard[0] == 0:
+            before()
+        barrier(timeout_s)                       # rank 0's checks first: a refused run does no work
+        part()
+        barrier(timeout_s)
+        if shard[0] != 0:
+            return None
+        files = shard_files(out, name, shard[1])
+        ds = merge(files)
+        for f in files:
+            f.unlink()
+        return ds

@@ -13,7 +13,8 @@ import torch
 import xarray as xr
 
 from smoothness.cache.base import method_names
-from smoothness.cache.sweep import WALL, SweepConfig, pareto, sweep, table
+from smoothness.cache.report import pareto, table
+from smoothness.cache.sweep import WALL, SweepConfig, sweep
 from smoothness.cli import run_cli
 from smoothness.diffusion import SamplerConfig
 

@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 import torch
 import xarray as xr
 
-from .. import chain
+from .. import chain, ranks
 from ..chain import config_json
 from ..cli import (add_model_args, add_sampler_args, check_name, check_out_folder, check_positive, check_sampler_flags,
                    model_names, official_sampler, parse_int_list, parser, path_arg, sampler_flags)
@@ -40,8 +40,10 @@ from ..models import Captions, bundled, family_of, sha256
 from ..plots.cache import figure, figure_plotly
 from .base import REGISTRY, CacheConfig
 from .calibrate import BUDGETS, calibrate, load_calibration
+from . import shards
 from .schedule import preset
-from .sweep import FORECAST_SPECS, SWEEP_METHODS, SweepConfig, parse_spec, sweep, table
+from .report import table
+from .sweep import FORECAST_SPECS, SWEEP_METHODS, SweepConfig, parse_spec, sweep
 
 __all__ = ["main", "parse_windows", "sweep", "table", "write"]
 
@@ -112,6 +114,7 @@ def _parser():
     a("--calibration", type=Path, default=None, metavar="FILE", help="a calibration file (python -m "
       "smoothness.cache calibrate) for the calibrated methods instead of a calibration run; one model only "
       "(default: calibrate once per model and seed)")
+    ranks.add_args(p, "the (model, method, setting, seed) cells")
     add_sampler_args(p)
     return p
 
@@ -227,33 +230,59 @@ def main(argv=None):
 
 
 def _run(args, names, models: dict, cfg: SweepConfig, out: Path):
-    """Name the result, refuse to replace another configuration's, sweep (resumably), write."""
+    """Name the result, refuse to replace another configuration's, sweep (resumably; this process's
+    shard of the cells under --shard or torchrun, rank 0 merging), write."""
+    shard, launched = ranks.from_args(args)
     sums = [sha256(bundled.weight_path(n) if n in bundled.BUNDLED else Path(n)) for n in names]
     name = args.name or run_name("cache_sweep", list(models), cfg.sampler.label)
     fp = fingerprint(config_json(cfg), names, sums)
-    guard_results([out / f"{name}.nc"], fp, args.overwrite)
-    for stale in remove_stale_temporaries(out / f"{name}{ext}" for ext in (".nc", ".partial.nc", ".png", ".html")):
-        print(f"removed {stale}, left by an interrupted write")
-    print(f"writing {out / name}.nc, .png and .html")
     t0, cpu0 = time.time(), time.process_time()
-    ds = sweep(models, cfg, partial=out / f"{name}.partial.nc", resume=args.resume)
-    ds.attrs.update(models=",".join(str(n) for n in names), sha256=",".join(sums), fingerprint=fp,
-                    preset=args.preset or "", methods=",".join(cfg.methods), seconds_total=time.time() - t0,
-                    cpu_seconds_total=time.process_time() - cpu0, **chain.sampler_attrs(cfg.sampler))
-    captions = cfg.captions
-    if captions is not None:
-        ds.attrs.update(**captions.attrs(), captions=len(captions.embeds), caption_tokens=captions.embeds.shape[1])
-        del ds.attrs["classes"]
+
+    def part():
+        stem = ranks.stem(name, shard)
+        guard_results([out / f"{stem}.nc"], fp, args.overwrite)
+        for stale in remove_stale_temporaries(out / f"{stem}{ext}" for ext in (".nc", ".partial.nc", ".png", ".html")):
+            print(f"removed {stale}, left by an interrupted write")
+        print(f"writing {out / stem}.nc" + (", .png and .html" if shard[1] == 1 else ""))
+        ds = sweep(models, cfg, partial=out / f"{stem}.partial.nc", resume=args.resume, shard=shard)
+        ds.attrs.update(models=",".join(str(n) for n in names), sha256=",".join(sums), fingerprint=fp,
+                        preset=args.preset or "", methods=",".join(cfg.methods), seconds_total=time.time() - t0,
+                        cpu_seconds_total=time.process_time() - cpu0, **chain.sampler_attrs(cfg.sampler))
+        captions = cfg.captions
+        if captions is not None:
+            ds.attrs.update(**captions.attrs(), captions=len(captions.embeds), caption_tokens=captions.embeds.shape[1])
+            del ds.attrs["classes"]
+        if shard[1] > 1:                                       # a whole run's partial goes once it is written
+            save(ds, out / f"{stem}.nc")
+            (out / f"{stem}.partial.nc").unlink(missing_ok=True)
+        return ds
+
+    ds = ranks.run(shard, launched, out=out, name=name, device="cpu", timeout_s=args.barrier_timeout,
+                   before=lambda: guard_results([out / f"{name}.nc"], fp, args.overwrite), part=part,
+                   merge=lambda files: shards.merge([load(f) for f in files], [str(f) for f in files]))
+    if ds is None:
+        return
     paths = write(ds, out, name)
     (out / f"{name}.partial.nc").unlink(missing_ok=True)
     print(table(ds))
     print(f"{time.time() - t0:.0f}s; wrote " + ", ".join(str(p) for p in paths))
 
 
+def save(ds: xr.Dataset, path: Path):
+    """Write a sweep result atomically."""
+    with atomic_path(path) as tmp:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+
+
+def load(path: Path) -> xr.Dataset:
+    """A sweep result file, read whole."""
+    with xr.open_dataset(path, engine="h5netcdf") as f:
+        return f.load()
+
+
 def write(ds: xr.Dataset, out: Path, name: str) -> list[Path]:
     nc, png, html = out / f"{name}.nc", out / f"{name}.png", out / f"{name}.html"
-    with atomic_path(nc) as tmp:
-        ds.to_netcdf(tmp, engine="h5netcdf")
+    save(ds, nc)
     fig = figure(ds)
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .. import chain, metrics
+from .. import chain, metrics, ranks
 from ..data import classifier
 from ..diffusion import Diffusion, SamplerConfig
 from ..io_utils import atomic_path, versions
@@ -178,8 +178,8 @@ def _condition(label: str, model, cfg: SweepConfig):
 class _Results:
     """The sweep's arrays, filled cell by cell; a cell is done when ``done`` is set."""
 
-    def __init__(self, models: dict, cfg: SweepConfig):
-        self.cfg = cfg
+    def __init__(self, models: dict, cfg: SweepConfig, shard: tuple[int, int] = (0, 1)):
+        self.cfg, self.shard = cfg, shard
         self.coords = {"model": list(models), "method": list(cfg.methods), "setting": list(range(cfg.num_settings)),
                        "seed": list(cfg.seeds)}
         size = [len(self.coords[d]) for d in DIMS]
@@ -187,7 +187,9 @@ class _Results:
         self.cos = np.full(size + [cfg.sampler.num_steps], np.nan)
         self.ref = {v: np.full((len(models), len(cfg.seeds)), np.nan) for v in ("accuracy", "frechet", "seconds")}
         self.masks = np.full(size, "", dtype=object)
-        self.done = np.zeros(size, dtype=bool)
+        self.done = np.ones(size, dtype=bool)                          # settings a method lacks: empty on purpose
+        for mi, ai, ki, si in cells(models, cfg):
+            self.done[mi, ai, ki, si] = False
         self.calibrations: dict[str, str] = {}
         fam = {label: family_of(m) for label, m in models.items()}
         self.process = {"model_family": json.dumps({k: f.name for k, f in fam.items()}),
@@ -218,6 +220,8 @@ class _Results:
                         **self.process, **{f"calibration_{k}": v for k, v in self.calibrations.items()},
                         **{f"version_{k}": str(v) for k, v in versions().items()})
         ds.attrs.update(chain.sampler_attrs(sampler))               # the chain's spacing and guided channels too
+        if self.shard[1] > 1:
+            ds.attrs["shard"] = f"{self.shard[0]}/{self.shard[1]}"   # which cells this file may hold
         return ds
 
     def _describe(self, ds: xr.Dataset):
@@ -246,6 +250,9 @@ class _Results:
         if old.attrs.get("grid") != self.cfg.grid_json() or list(old.model.values) != self.coords["model"]:
             raise ValueError(f"--resume: {str(path)!r} was written by another sweep (models, sampler, samples, "
                              "seeds or settings differ); remove it or run without --resume")
+        if ranks.shard_attr(old.attrs.get("shard"), str(path)) != self.shard:
+            raise ValueError(f"--resume: {str(path)!r} is shard {old.attrs.get('shard', '0/1')}, not "
+                             f"{self.shard[0]}/{self.shard[1]}; resume each shard with its own --shard")
         for v in self.data:
             self.data[v][...] = old[v].values
         self.cos[...], self.masks[...], self.done[...] = old.step_cosine.values, old["mask"].values, old.done.values
@@ -254,22 +261,36 @@ class _Results:
         self.calibrations = {k[len("calibration_"):]: v for k, v in old.attrs.items() if k.startswith("calibration_")}
 
 
+def cells(models: dict, cfg: SweepConfig) -> list[tuple[int, int, int, int]]:
+    """Every (model, method, setting, seed) index of a setting that exists, in run order: model, then
+    seed, then method and setting, so the cells of one reference chain are neighbours."""
+    return [(mi, ai, ki, si) for mi in range(len(models)) for si in range(len(cfg.seeds))
+            for ai, spec in enumerate(cfg.methods) for ki in range(len(cfg.settings(spec)))]
+
+
 def sweep(models: dict, cfg: SweepConfig = SweepConfig(), log=print, partial: Path | None = None,
-          resume: bool = False) -> xr.Dataset:
+          resume: bool = False, shard: tuple[int, int] = (0, 1)) -> xr.Dataset:
     """Run the grid on ``models`` ({label: model}); returns the labelled Dataset. Unconditional
     models (no class table, e.g. the video pair) draw ``len(classes) * per_class`` unlabelled samples;
     text-to-video models draw ``per_class`` videos for each caption. ``partial``: a file rewritten
-    after every cell; ``resume``: skip the cells that file already holds."""
+    after every cell; ``resume``: skip the cells that file already holds. ``shard`` (i, n): run only
+    block i of n of ``cells`` (each shard runs the reference chains its cells need); ``shards.merge``
+    joins the n results into the one-process result, bit for bit but for wall times."""
     diffusion = Diffusion.for_config(cfg.sampler)
-    res = _Results(models, cfg)
+    res = _Results(models, cfg, shard)
+    every = cells(models, cfg)
     if resume and partial is not None and Path(partial).exists():
         res.load(Path(partial))
-        log(f"resumed {int(res.done.sum())} of {res.done.size} cells from {partial}")
+        log(f"resumed {sum(bool(res.done[at]) for at in every)} of {len(every)} cells from {partial}")
+    owned = [every[c] for c in ranks.block(len(every), shard)]
+    if shard[1] > 1:
+        log(f"shard {shard[0]}/{shard[1]}: {len(owned)} of {len(every)} cells"
+            + ("; nothing to do, more shards than cells" if not owned else ""))
     clf = classifier.load() if any(is_pixel_digits(m) for m in models.values()) else None
     for metric, why in cfg.skipped_metrics.items():
         log(f"skipping {metric}: {why}")
     for mi, (label, model) in enumerate(models.items()):
-        if res.done[mi].all():
+        if all(res.done[at] for at in owned if at[0] == mi):
             continue
         y, tokens = _condition(label, model, cfg)
         shape = (len(cfg.classes) * cfg.per_class if y is None else len(y), *model.sample_shape())
@@ -279,7 +300,8 @@ def sweep(models: dict, cfg: SweepConfig = SweepConfig(), log=print, partial: Pa
                     break
         scorer = clf if is_pixel_digits(model) else None
         for si, seed in enumerate(cfg.seeds):
-            if res.done[mi, :, :, si].all():
+            todo = [at for at in owned if at[0] == mi and at[3] == si and not res.done[at]]
+            if not todo:
                 continue
             ref = run_chain(model, diffusion, shape, y, cfg.sampler, seed, None)
             res.ref["seconds"][mi, si] = ref[2]
@@ -289,18 +311,13 @@ def sweep(models: dict, cfg: SweepConfig = SweepConfig(), log=print, partial: Pa
                     res.ref["frechet"][mi, si] = metrics.frechet_distance(ref[0], classifier=scorer).item()
             log(f"{label} seed {seed}: uncached {cfg.sampler.num_steps} steps in {ref[2]:.1f}s")
             cal = _calibration(res, label, model, diffusion, shape, y, cfg, seed, log)
-            for ai, spec in enumerate(cfg.methods):
-                for ki, cache in enumerate(cfg.settings(spec)):
-                    at = (mi, ai, ki, si)
-                    if res.done[at]:
-                        continue
-                    if cache.kind.calibration:
-                        cache = dataclasses.replace(cache, calibration=cal)
-                    _cell(res, at, label, model, diffusion, shape, y, cfg, seed, cache, ref, scorer, tokens, log)
-                    res.done[at] = True
-                    _save_partial(res, diffusion, partial)
-            res.done[mi, :, :, si] = True                             # settings a method lacks: empty on purpose
-            _save_partial(res, diffusion, partial)
+            for at in todo:
+                cache = cfg.settings(cfg.methods[at[1]])[at[2]]
+                if cache.kind.calibration:
+                    cache = dataclasses.replace(cache, calibration=cal)
+                _cell(res, at, label, model, diffusion, shape, y, cfg, seed, cache, ref, scorer, tokens, log)
+                res.done[at] = True
+                _save_partial(res, diffusion, partial)
     return res.dataset(diffusion)
 
 
@@ -361,39 +378,3 @@ def _score(res: _Results, at, run, ref, y, scorer, cost: xr.Dataset, frechet: bo
     data["call_speedup"][at] = len(state.calls) * float(np.median(full_calls)) / sum(c.seconds for c in state.calls)
     data["seconds"][at] = sec
     res.masks[at] = state.mask
-
-
-def pareto(ds: xr.Dataset, model: str, quality: str = "psnr") -> list[tuple[str, str]]:
-    """(method, config) of the runs on the Pareto front of ``model``: no other run has at least the
-    theoretical speedup and at least the quality, one of them strictly more. Mean over seeds."""
-    mean = ds.sel(model=model).mean("seed")
-    pts = [(float(mean.theoretical_speedup.sel({"method": a, "setting": k})), float(mean[quality].sel({"method": a, "setting": k})),
-            str(a), str(ds.config.sel({"method": a, "setting": k}).item()))
-           for a in ds.method.values for k in ds.setting.values
-           if not np.isnan(float(mean[quality].sel({"method": a, "setting": k})))]      # inf PSNR: identical
-    front = [p for p in pts if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1]) for q in pts)]
-    return [(p[2], p[3]) for p in sorted(front)]
-
-
-def table(ds: xr.Dataset, front_only: bool = False) -> str:
-    """One line per run: calls, speedups and quality; ``*`` marks the model's Pareto front (PSNR)."""
-    head = (f"{'model':<18}{'config':<44}{'full':>6}{'cached':>7}{'theo x':>8}{'real x':>8}{'call x':>8}"
-            f"{'PSNR':>7}{'SSIM':>7}{'acc':>6}{'FD':>8}")
-    lines = [head, "-" * len(head)]
-    for m in ds.model.values:
-        acc, fd = ds.reference_accuracy.sel(model=m).mean().item(), ds.reference_frechet.sel(model=m).mean().item()
-        lines.append(f"{m:<18}{'none':<44}{ds.sizes['step']:>6}{0:>7}{1:>8.2f}{1:>8.2f}{1:>8.2f}"
-                     f"{'inf':>7}{1:>7.3f}{acc:>6.2f}{fd:>8.2f}")
-        mean = ds.sel(model=m).mean("seed")
-        front = {c for _, c in pareto(ds, str(m))}
-        for a, k in itertools.product(ds.method.values, ds.setting.values):
-            r = mean.sel({"method": a, "setting": k})
-            name = str(ds.config.sel({"method": a, "setting": k}).item())
-            if np.isnan(r.psnr.item()) or (front_only and name not in front):
-                continue
-            name = ("*" if name in front else " ") + name
-            lines.append(f"{'':<18}{name:<44}{r.full_steps.item():>6.1f}{r.cached_steps.item():>7.1f}"
-                         f"{r.theoretical_speedup.item():>8.2f}{r.realized_speedup.item():>8.2f}"
-                         f"{r.call_speedup.item():>8.2f}{r.psnr.item():>7.2f}"
-                         f"{r.ssim.item():>7.3f}{r.accuracy.item():>6.2f}{r.frechet.item():>8.2f}")
-    return "\n".join(lines)

@@ -8,7 +8,7 @@ import numpy as np
 import xarray as xr
 
 from ..cache import METHODS
-from ..cache.sweep import pareto
+from ..cache.report import pareto
 from ..diffusion import chain_label
 
 PANELS = (  # (quality variable, speedup variable, y label)

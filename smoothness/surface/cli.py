@@ -13,7 +13,6 @@ x_t at that step; ``trajectory`` mode runs the perturbed model along the whole c
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -86,11 +85,7 @@ def _parser():
     a("--resume", action="store_true", help="continue from <out>/<name>.partial.nc")
     a("--overwrite", action="store_true", help="replace a finished result of a different configuration "
       "(default: refuse)")
-    a("--shard", default=None, metavar="I/N", help="fill only shard I of N of the grid's chunks and write "
-      "<name>.shard-I-of-N.nc; merge the N files with python -m smoothness.merge (default: the whole grid; under "
-      "torchrun each rank takes its shard and rank 0 merges)")
-    a("--barrier-timeout", type=float, default=3600.0, help="torchrun: seconds rank 0 waits for the other ranks "
-      "before failing the job (default: 3600)")
+    ranks.add_args(p, "the grid's chunks")
     add_sampler_args(p)
     return p
 
@@ -166,16 +161,6 @@ def _validate(entries, cfg: SurfaceConfig):
             hooks.resolve_sites(e.model, r)
 
 
-def _shard(args) -> tuple[tuple[int, int], bool]:
-    """(shard (i, n), launched by torchrun) from --shard or torchrun's environment."""
-    world = ranks.from_env()
-    if world is not None and args.shard:
-        raise ValueError("--shard and torchrun are alternatives: torchrun gives each rank its shard")
-    if args.barrier_timeout <= 0:
-        raise ValueError(f"--barrier-timeout={args.barrier_timeout:g} is not allowed; use a positive number of seconds")
-    return (world or (ranks.parse_shard(args.shard) if args.shard else (0, 1))), world is not None
-
-
 def _no_folders(*paths):
     for path in paths:
         if path.exists() and not path.is_file():
@@ -219,7 +204,7 @@ def _run(entries, cfg: SurfaceConfig, args, out: Path, stem: str, fp: str, shard
 def main(argv=None):
     args = _parser().parse_args(argv)
     cfg = config_from_args(args)
-    shard, launched = _shard(args)
+    shard, launched = ranks.from_args(args)
     _check_paths(args)
     names = model_names(args)
     out = check_writable(args.out)
@@ -229,25 +214,18 @@ def main(argv=None):
     _validate(entries, cfg)
     name = args.name or run_name("surface", [e.label for e in entries], "step" + "-".join(map(str, cfg.steps)))
     fp = fingerprint(cfg.to_json(), [(e.source, e.sha256) for e in entries])
-    stem = name if shard[1] == 1 else f"{name}.shard-{shard[0]}-of-{shard[1]}"
     t0 = time.time()
-    with ranks.process_group(cfg.device, args.barrier_timeout) if launched else contextlib.nullcontext():
-        if launched and shard[0] == 0:
-            guard_results([out / f"{name}.nc"], fp, args.overwrite)      # before any rank's work
-        ds = _run(entries, cfg, args, out, stem, fp, shard)
-        if launched:
-            ranks.barrier(args.barrier_timeout)
-            if shard[0] != 0:
-                return
-            files = [out / f"{name}.shard-{i}-of-{shard[1]}.nc" for i in range(shard[1])]
-            ds = io.merge([io.load(f) for f in files], [str(f) for f in files])
-            ds.attrs["fingerprint"] = fp
-            io.save(ds, out / f"{name}.nc")
-            for f in files:
-                f.unlink()
-    if shard[1] > 1 and not launched:
-        print(f"shard {shard[0]}/{shard[1]} done in {time.time() - t0:.0f}s: {out / stem}.nc; when all {shard[1]} "
-              f"are done: python -m smoothness.merge {out / name}.shard-*-of-{shard[1]}.nc --out {out / name}.nc")
+
+    def merged(files):
+        ds = io.merge([io.load(f) for f in files], [str(f) for f in files])
+        ds.attrs["fingerprint"] = fp
+        io.save(ds, out / f"{name}.nc")
+        return ds
+
+    ds = ranks.run(shard, launched, out=out, name=name, device=cfg.device, timeout_s=args.barrier_timeout,
+                   before=lambda: guard_results([out / f"{name}.nc"], fp, args.overwrite),
+                   part=lambda: _run(entries, cfg, args, out, ranks.stem(name, shard), fp, shard), merge=merged)
+    if ds is None:
         return
     paths = [out / f"{name}.nc"] + write_figures(ds, out, name)
     print(f"done in {time.time() - t0:.0f}s: " + ", ".join(str(p) for p in paths))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from .. import ranks
 from ..io_utils import atomic_path, versions
 from ..models import caption_attrs
 from ..models.protocol import family_of
@@ -117,12 +118,7 @@ def _difference(ds: xr.Dataset, ref: xr.Dataset) -> tuple[str | None, str | None
 
 def shard_of(ds: xr.Dataset, where: str = "dataset") -> tuple[int, int]:
     """(i, n) of a shard file (``attrs["shard"] = "i/n"``); (0, 1) for a whole result."""
-    text = str(ds.attrs.get("shard", "0/1"))
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ValueError(f"{where}: shard attribute {text!r} is not i/n") from None
-    return i, n
+    return ranks.shard_attr(ds.attrs.get("shard"), where)
 
 
 def merge(parts: list[xr.Dataset], names: list[str] | None = None) -> xr.Dataset:
@@ -140,17 +136,7 @@ def merge(parts: list[xr.Dataset], names: list[str] | None = None) -> xr.Dataset
                              "merge only the shards of one run")
         if kind == "dim":
             raise ValueError(f"{name} has different {what} coordinates than {names[0]}")
-    shards = [shard_of(ds, name) for ds, name in zip(parts, names)]
-    n = shards[0][1]
-    if any(s[1] != n for s in shards):
-        raise ValueError(f"the files come from different shard counts ({sorted({s[1] for s in shards})}); "
-                         "merge the shards of one split")
-    have = sorted(s[0] for s in shards)
-    if have != list(range(n)):
-        dup = sorted({i for i in have if have.count(i) > 1})
-        miss = sorted(set(range(n)) - set(have))
-        raise ValueError(f"shards of a {n}-way split: " + (f"missing {miss}" if miss else "") +
-                         ("; " if miss and dup else "") + (f"given twice {dup}" if dup else ""))
+    ranks.check_shard_set([shard_of(ds, name) for ds, name in zip(parts, names)])
     filled = np.stack([~np.isnan(ds["surface"].values) for ds in parts])
     if (filled.sum(0) > 1).any():
         raise ValueError(f"{int((filled.sum(0) > 1).sum())} cells are filled in more than one shard; "
