@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+from .devices import check as check_device  # noqa: F401  (the commands' name for it)
 from .diffusion import OFFICIAL, SPACINGS, SamplerConfig, official_sampling
 from .models import bundled
 
@@ -80,22 +81,6 @@ def check_out_folder(out: Path, flag: str = "--out") -> Path:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{flag} {str(out)!r} is an existing file, not a folder")
     return out
-
-
-def check_device(device: str) -> str:
-    """cpu, cuda or cuda:N (the latter two only where a GPU is present)."""
-    import torch
-    text = device.strip()
-    cuda = text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit())
-    if text != "cpu" and not cuda:
-        raise ValueError(f"--device {device!r} is not allowed; use cpu, cuda or cuda:N")
-    if cuda:
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(text[5:]) if ":" in text else 0
-        if index >= count:
-            raise ValueError(f"--device {device!r} is not available here ({count} GPU(s)); allowed: cpu"
-                             + (f", cuda:0..{count - 1}" if count else ""))
-    return text
 
 
 def check_positive(value, flag: str, zero: bool = False):

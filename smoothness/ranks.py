@@ -150,3 +150,10 @@ def run(shard: tuple[int, int], launched: bool, *, out: Path, name: str, device:
         for f in files:
             f.unlink()
         return ds
+
+
+def local_device(device: str) -> str:
+    """Under torchrun, plain ``cuda`` means this process's GPU (cuda:LOCAL_RANK); else ``device``."""
+    if device == "cuda" and from_env() is not None:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device

@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 import torch
 import xarray as xr
 
-from .. import chain, ranks
+from .. import chain, devices, ranks
 from ..chain import config_json
 from ..cli import (add_model_args, add_sampler_args, check_name, check_out_folder, check_positive, check_sampler_flags,
                    model_names, official_sampler, parse_int_list, parser, path_arg, sampler_flags)
@@ -115,6 +115,7 @@ def _parser():
       "smoothness.cache calibrate) for the calibrated methods instead of a calibration run; one model only "
       "(default: calibrate once per model and seed)")
     ranks.add_args(p, "the (model, method, setting, seed) cells")
+    devices.add_args(p, "bfloat16 runs every chain under bf16 autocast")
     add_sampler_args(p)
     return p
 
@@ -215,6 +216,7 @@ def main(argv=None):
     for n, k, (stop, start) in itertools.product(intervals, ks, windows):   # validate before any work
         CacheConfig(interval=n, k=k, t_stop=stop, t_start=start)
     torch.set_num_threads(args.threads)
+    device = ranks.local_device(devices.check(args.device))
     out = check_writable(args.out)
     captions = Captions.of(args.caption_embeds)
     models = _load_models(names, args, captions, ks)
@@ -223,10 +225,20 @@ def main(argv=None):
     sampler = official_sampler(sampler, models.values(), given)
     cfg = SweepConfig(sampler=sampler, methods=methods, intervals=intervals, ks=ks,
                       windows=windows, seeds=seeds, classes=classes, per_class=args.per_class,
-                      stop_inclusive=stop_inclusive, captions=captions, thresholds=thresholds)
+                      stop_inclusive=stop_inclusive, captions=captions, thresholds=thresholds, dtype=args.dtype)
     if args.calibration is not None:
         cfg = replace(cfg, calibration=_checked_calibration(args.calibration, models, cfg))
-    _run(args, names, models, cfg, out)
+    _run(args, names, _placed(models, args, device), cfg, out)
+
+
+def _placed(models: dict, args, device: str) -> dict:
+    """The models on ``device`` (the run's precision switches set), compiled with --compile."""
+    args.device_attrs = devices.setup(device, args.tf32)
+    for model in models.values():
+        model.to(device)
+        if args.compile:
+            devices.compile_blocks(model)
+    return models
 
 
 def _run(args, names, models: dict, cfg: SweepConfig, out: Path):
@@ -244,7 +256,10 @@ def _run(args, names, models: dict, cfg: SweepConfig, out: Path):
         for stale in remove_stale_temporaries(out / f"{stem}{ext}" for ext in (".nc", ".partial.nc", ".png", ".html")):
             print(f"removed {stale}, left by an interrupted write")
         print(f"writing {out / stem}.nc" + (", .png and .html" if shard[1] == 1 else ""))
-        ds = sweep(models, cfg, partial=out / f"{stem}.partial.nc", resume=args.resume, shard=shard)
+        with devices.out_of_memory(args.device, f"sampling {cfg.samples} samples per chain",
+                                   "lower --per-class (or give fewer --classes / captions)"):
+            ds = sweep(models, cfg, partial=out / f"{stem}.partial.nc", resume=args.resume, shard=shard)
+        ds.attrs.update(**args.device_attrs, compiled=int(args.compile))
         ds.attrs.update(models=",".join(str(n) for n in names), sha256=",".join(sums), fingerprint=fp,
                         preset=args.preset or "", methods=",".join(cfg.methods), seconds_total=time.time() - t0,
                         cpu_seconds_total=time.process_time() - cpu0, **chain.sampler_attrs(cfg.sampler))
@@ -257,7 +272,7 @@ def _run(args, names, models: dict, cfg: SweepConfig, out: Path):
             (out / f"{stem}.partial.nc").unlink(missing_ok=True)
         return ds
 
-    ds = ranks.run(shard, launched, out=out, name=name, device="cpu", timeout_s=args.barrier_timeout,
+    ds = ranks.run(shard, launched, out=out, name=name, device=args.device, timeout_s=args.barrier_timeout,
                    before=lambda: guard_results([out / f"{name}.nc"], fp, args.overwrite), part=part,
                    merge=lambda files: shards.merge([load(f) for f in files], [str(f) for f in files]))
     if ds is None:

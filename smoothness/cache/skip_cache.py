@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .. import hooks
+from .. import devices, hooks
 from . import flops
 from .base import CacheConfig, CacheState, Method, method_class, register
 from .forecast import recall, remember
@@ -95,6 +95,7 @@ def apply_cache(model, config: CacheConfig):
         out = method.forward(model, state, x, t, y, full)
         if full and state.payload is not None:
             state.payload["batch"] = tuple(x.shape)
+        devices.sync(x.device)                                   # a GPU call's time includes its kernels
         state.end(t_now, full, time.perf_counter() - start, x.shape[0], method.call_kind(config, t_now, full))
         return out
 

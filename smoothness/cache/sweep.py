@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .. import chain, metrics, ranks
+from .. import chain, devices, metrics, ranks
 from ..data import classifier
 from ..diffusion import Diffusion, SamplerConfig
 from ..io_utils import atomic_path, versions
@@ -95,6 +95,7 @@ class SweepConfig:
     captions: Captions | None = None                  # text-to-video models: the captions (N, L, C), loaded
     thresholds: tuple[float, ...] = ()                # dynamic methods' thresholds; empty: each method's own grid
     calibration: object = None                        # a Calibration for one model; None: one run per (model, seed)
+    dtype: str = "float32"                            # float32, or bfloat16: every chain under bf16 autocast
 
     def __post_init__(self):
         object.__setattr__(self, "captions", Captions.of(self.captions))
@@ -104,6 +105,8 @@ class SweepConfig:
                 raise ValueError(f"{name} is empty; give at least one")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods {self.methods} name a method twice")
+        if self.dtype not in devices.DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not allowed; use one of {', '.join(devices.DTYPES)}")
         if not (isinstance(self.per_class, int) and self.per_class >= 1):
             raise ValueError(f"per_class={self.per_class!r} is not allowed; use a positive integer")
         for spec in self.methods:
@@ -148,19 +151,22 @@ class SweepConfig:
                            "configs": {m: [c.name for c in self.settings(m)] for m in self.methods}})
 
 
-def run_chain(model, diffusion, shape, y, sampler, seed, config: CacheConfig | None):
-    """(final samples (N, C, [F,] H, W), model outputs per step (S, N, C_out, [F,] H, W), seconds, state)."""
-    state = None
+def run_chain(model, diffusion, shape, y, sampler, seed, config: CacheConfig | None, dtype: str = "float32"):
+    """(final samples (N, C, [F,] H, W), model outputs per step (S, N, C_out, [F,] H, W), seconds, state),
+    on the CPU in float32 whatever device and autocast ``dtype`` the chain ran in."""
+    state, device = None, next(model.parameters()).device
+    devices.sync(device)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), devices.autocast(str(device), dtype):
         if config is None:
             steps = list(diffusion.sample_steps(model, shape, y, sampler, seed=seed))
         else:
             with apply_cache(model, config) as state:
                 steps = list(diffusion.sample_steps(model, shape, y, sampler, seed=seed))
+    devices.sync(device)
     seconds = time.perf_counter() - start
-    outs = torch.stack([s.model_output for s in steps])
-    return steps[-1].x_next, outs, seconds, state
+    outs = torch.stack([s.model_output for s in steps]).float().cpu()
+    return steps[-1].x_next.float().cpu(), outs, seconds, state
 
 
 def _condition(label: str, model, cfg: SweepConfig):
@@ -215,7 +221,7 @@ class _Results:
         ds.attrs.update(sampler=sampler.sampler, num_sampling_steps=sampler.num_steps, cfg_scale=sampler.cfg_scale,
                         clip_denoised=int(sampler.clip_denoised), classes=list(cfg.classes), per_class=cfg.per_class,
                         seeds=list(cfg.seeds), stop_inclusive=int(cfg.stop_inclusive), data_range=2.0,
-                        torch_threads=torch.get_num_threads(), grid=cfg.grid_json(),
+                        torch_threads=torch.get_num_threads(), grid=cfg.grid_json(), dtype=cfg.dtype,
                         skipped_metrics="; ".join(f"{k}: {v}" for k, v in cfg.skipped_metrics.items()),
                         **self.process, **{f"calibration_{k}": v for k, v in self.calibrations.items()},
                         **{f"version_{k}": str(v) for k, v in versions().items()})
@@ -294,7 +300,8 @@ def sweep(models: dict, cfg: SweepConfig = SweepConfig(), log=print, partial: Pa
             continue
         y, tokens = _condition(label, model, cfg)
         shape = (len(cfg.classes) * cfg.per_class if y is None else len(y), *model.sample_shape())
-        with torch.inference_mode():                                  # warm-up: 3 real steps, untimed
+        with torch.inference_mode(), devices.autocast(str(next(model.parameters()).device), cfg.dtype):
+            # warm-up: 3 real steps, untimed (and the compile of --compile)
             for i, _ in enumerate(diffusion.sample_steps(model, shape, y, cfg.sampler, seed=cfg.seeds[0])):
                 if i == 2:
                     break
@@ -303,7 +310,7 @@ def sweep(models: dict, cfg: SweepConfig = SweepConfig(), log=print, partial: Pa
             todo = [at for at in owned if at[0] == mi and at[3] == si and not res.done[at]]
             if not todo:
                 continue
-            ref = run_chain(model, diffusion, shape, y, cfg.sampler, seed, None)
+            ref = run_chain(model, diffusion, shape, y, cfg.sampler, seed, None, cfg.dtype)
             res.ref["seconds"][mi, si] = ref[2]
             if scorer is not None:
                 res.ref["accuracy"][mi, si] = metrics.classifier_accuracy(ref[0], y, scorer).item()
@@ -339,7 +346,7 @@ def _cell(res, at, label, model, diffusion, shape, y, cfg, seed, cache, ref, sco
     except ValueError as e:
         log(f"  {label} {cache.name}: skipped ({e})")
         return
-    run = run_chain(model, diffusion, shape, y, cfg.sampler, seed, cache)
+    run = run_chain(model, diffusion, shape, y, cfg.sampler, seed, cache, cfg.dtype)
     _score(res, at, run, ref, y, scorer, flops.run_cost(model, run[3], caption_tokens=tokens),
            frechet="frechet" not in cfg.skipped_metrics)
     log(f"  {label} {cache.name}: {run[3].num_full:g} full / {run[3].num_cached:g} cached, speedup "

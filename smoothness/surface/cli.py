@@ -13,6 +13,7 @@ x_t at that step; ``trajectory`` mode runs the perturbed model along the whole c
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import xarray as xr
 
-from .. import chain, hooks, ranks
+from .. import chain, devices, hooks, ranks
 from ..cli import (add_model_args, add_sampler_args, check_device, check_name, check_out_folder, check_sampler_flags,
                    model_names, official_sampler, parse_int_list, parser, path_arg, sampler_flags)
 from ..diffusion import SAMPLERS
@@ -29,8 +30,8 @@ from ..io_utils import (atomic_path, check_writable, fingerprint, guard_results,
 from ..models import Captions, load_entries
 from ..plots import surfaces as plotting
 from . import io, similarity
-from .config import DTYPES, SurfaceConfig
-from .dataset import chunk_plan, compute, empty_dataset, owned_chunks
+from .config import SurfaceConfig
+from .dataset import chunk_plan, compute, empty_dataset, owned_chunks, sized_batch
 from .engine import MODES, GridEngine, Perturbation
 from .evaluation import EVALUATIONS, readout_sites
 from .perturb import NORMS, Axis, DirectionSpec
@@ -74,11 +75,13 @@ def _parser():
       help="text-to-video checkpoints: one caption's embeddings (L, C) or (1, L, C), .pt or .safetensors, "
            "conditioning every chain (default: none)")
     a("--cfg-scale", type=float, default=d.sampler.cfg_scale, help=f"guidance >= 1 (default: {d.sampler.cfg_scale})")
-    a("--device", default=d.device, help=f"(default: {d.device})")
-    a("--dtype", choices=list(DTYPES), default=d.dtype, help=f"(default: {d.dtype})")
-    a("--batch-size", type=int, default=d.batch_size,
+    devices.add_args(p, "bfloat16 casts the model's weights (the perturbation is added in bf16)")
+    a("--batch-size", type=int, default=None,
       help=f"grid points per forward; in local mode each point carries every step's and seed's x_t "
-           f"(x2 with CFG) as rows (default: {d.batch_size})")
+           f"(x2 with CFG) as rows (default: on cpu {d.batch_size}; on cuda as many as fit the free memory, "
+           "measured on chunks of 1 and 2 points)")
+    a("--max-memory", type=float, default=None, metavar="GIB",
+      help="cuda: the memory budget that sizes --batch-size (default: the device's free memory, less 10%%)")
     a("--out", type=path_arg, default=Path("results"), help="output folder (default: results/)")
     a("--name", default=None, help="file stem inside --out (default: describes the run, e.g. "
       "surface_digits-dit_digits-skip-dit_step250)")
@@ -121,7 +124,8 @@ def config_from_args(args) -> SurfaceConfig:
                          metric=args.metric, flatten=args.flatten,
                          seeds=tuple(parse_int_list(args.seeds, "--seeds", unique=True)), class_label=args.class_label,
                          caption_embeds=Captions.of(args.caption_embeds),
-                         batch_size=args.batch_size, dtype=args.dtype, device=args.device)
+                         batch_size=args.batch_size or d.batch_size, dtype=args.dtype,
+                         device=ranks.local_device(args.device))
 
 
 FIGURE_SUFFIXES = ("", "_contour", "_heatmap")
@@ -161,6 +165,36 @@ def _validate(entries, cfg: SurfaceConfig):
             hooks.resolve_sites(e.model, r)
 
 
+def _check_memory_flags(args, device: str, shard):
+    if args.max_memory is not None:
+        if args.batch_size is not None:
+            raise ValueError("--max-memory sizes --batch-size; give one or the other")
+        if not args.max_memory > 0:
+            raise ValueError(f"--max-memory={args.max_memory:g} is not allowed; use a positive number of GiB")
+        if not device.startswith("cuda"):
+            raise ValueError("--max-memory sizes chunks from measured CUDA memory; on cpu give --batch-size")
+    if shard[1] > 1 and args.batch_size is None and device.startswith("cuda"):
+        raise ValueError("with --shard or torchrun on cuda give --batch-size: every shard must deal the same "
+                         "chunks, and free memory differs between GPUs")
+
+
+def _placed(entries, cfg: SurfaceConfig, args, partial: Path) -> SurfaceConfig:
+    """Set the device's precision switches, compile with --compile, and size the chunks on cuda (a
+    resumed run keeps the size its partial file was made with)."""
+    args.device_attrs = {**devices.setup(cfg.device, args.tf32), "compiled": int(args.compile)}
+    if args.compile:
+        for e in entries:
+            devices.compile_blocks(e.model)
+    if args.batch_size is None and cfg.device.startswith("cuda") and args.resume and partial.is_file():
+        cfg = replace(cfg, batch_size=int(json.loads(io.load(partial).attrs["config"])["batch_size"]))
+        print(f"{cfg.batch_size} grid points per chunk, as {partial} was made")
+    elif args.batch_size is None and cfg.device.startswith("cuda"):
+        budget = int(args.max_memory * 2 ** 30) if args.max_memory else int(0.9 * devices.free_bytes(cfg.device))
+        cfg = replace(cfg, batch_size=sized_batch(entries, cfg, budget))
+        print(f"{cfg.batch_size} grid points per chunk fit {budget / 2 ** 30:.1f} GiB on {cfg.device}")
+    return cfg
+
+
 def _no_folders(*paths):
     for path in paths:
         if path.exists() and not path.is_file():
@@ -194,8 +228,10 @@ def _run(entries, cfg: SurfaceConfig, args, out: Path, stem: str, fp: str, shard
         print(f"shard {shard[0]}/{shard[1]}: {len(owned)} of {len(chunk_plan(cfg)[1])} chunks"
               + ("; nothing to do for this grid, waiting for the others" if not owned else ""))
     print(f"writing {final}" + (" and its figures" if shard[1] == 1 else ""))
-    ds = compute(entries, cfg, partial=partial, resume_from=resume_from, shard=shard)
-    ds.attrs["fingerprint"] = fp
+    with devices.out_of_memory(cfg.device, f"evaluating {cfg.batch_size} grid points per chunk",
+                               "lower --batch-size (or --max-memory)"):
+        ds = compute(entries, cfg, partial=partial, resume_from=resume_from, shard=shard)
+    ds.attrs.update(fingerprint=fp, **args.device_attrs)
     io.save(ds, final)
     partial.unlink(missing_ok=True)
     return ds
@@ -205,6 +241,7 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     cfg = config_from_args(args)
     shard, launched = ranks.from_args(args)
+    _check_memory_flags(args, cfg.device, shard)
     _check_paths(args)
     names = model_names(args)
     out = check_writable(args.out)
@@ -213,6 +250,7 @@ def main(argv=None):
     cfg.check_size(len(entries))
     _validate(entries, cfg)
     name = args.name or run_name("surface", [e.label for e in entries], "step" + "-".join(map(str, cfg.steps)))
+    cfg = _placed(entries, cfg, args, out / f"{ranks.stem(name, shard)}.partial.nc")
     fp = fingerprint(cfg.to_json(), [(e.source, e.sha256) for e in entries])
     t0 = time.time()
 

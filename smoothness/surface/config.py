@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .. import chain
+from ..devices import DTYPES
 from ..diffusion import SamplerConfig
 from ..models import Captions
 from . import similarity
@@ -15,7 +16,6 @@ from .engine import Perturbation
 from .evaluation import EVALUATIONS, EvalSpec
 from .perturb import Axis
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_GRID = Axis(-0.25, 0.25, 21)
 MAX_RESULT_BYTES = 8 * 2 ** 30     # a surface result larger than this is refused before anything is allocated
 
@@ -93,9 +93,10 @@ class SurfaceConfig:
 
     def to_json(self) -> str:
         """Every setting used as JSON (grids in their ``min:max:count`` spelling, captions by file);
-        the direction settings a features or latent perturbation does not use are null."""
-        if self.perturbation.mode == "weights":
-            return chain.config_json(self)
+        the direction settings a features or latent perturbation does not use are null; the device is left
+        out (ranks on cuda:0 and cuda:1 compute one surface)."""
         d = json.loads(chain.config_json(self))
-        d["perturbation"]["directions"].update(norm=None, params=None, include_1d=None)
+        d.pop("device")                     # where it ran is an attribute of the result, not of the surface
+        if self.perturbation.mode != "weights":
+            d["perturbation"]["directions"].update(norm=None, params=None, include_1d=None)
         return json.dumps(d, sort_keys=True)

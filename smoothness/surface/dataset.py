@@ -9,7 +9,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .. import chain, hooks
+from .. import chain, devices, hooks
 from ..diffusion import Diffusion
 from ..models import ModelEntry
 from . import io, similarity
@@ -105,11 +105,9 @@ def compute(entries: list[ModelEntry], cfg: SurfaceConfig, *, partial: Path | No
     return ds
 
 
-def _fill_model(e: ModelEntry, cfg: SurfaceConfig, points: np.ndarray, todo, cells: np.ndarray, save, advance,
-                skipped: int):
-    """Evaluate the chunks ``todo`` [(index, point indices, kept)] of one model into ``cells`` (step,
-    readout, seed, point), saving after each kept one; chunk 0 (the origin's, the reference) is
-    always the first of them, kept or not."""
+def _evaluator(e: ModelEntry, cfg: SurfaceConfig):
+    """A function (alphas, betas) -> readouts {(readout, step): (G, N, ...)} of ``e`` at those grid
+    points, with the model placed, checked and its unperturbed chains run once."""
     diffusion = Diffusion.for_config(cfg.sampler)
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     e.model.to(device=device, dtype=dtype).eval()
@@ -122,24 +120,50 @@ def _fill_model(e: ModelEntry, cfg: SurfaceConfig, points: np.ndarray, todo, cel
     shape = (1, *e.model.sample_shape())
     y1 = chain.labels(e.model, cfg.class_label, 1, device, who=e.label, captions=cfg.captions,
                       dtype=dtype)                                       # None if unconditional
-    advance(skipped)
-    with torch.inference_mode():
-        if cfg.evaluation == "local":
+    inputs = None
+    if cfg.evaluation == "local":
+        with torch.inference_mode():
             inputs = [chain_inputs(e.model, spec, diffusion, seed, y1, shape, dtype, e.label) for seed in cfg.seeds]
-        ref = {}
-        for _, chunk, kept in todo:
-            coef = (torch.tensor(points[chunk, 0]), torch.tensor(points[chunk, 1]))
-            if cfg.evaluation == "local":
-                data = local(e.model, spec, diffusion, inputs, y1, coef, engine)
-            else:
-                per_seed = [trajectory(e.model, spec, diffusion, seed, y1, coef, engine, shape, dtype)
-                            for seed in cfg.seeds]
-                data = {k: torch.cat([d[k] for d in per_seed], dim=1) for k in per_seed[0]}
-            _compare(e.label, cfg, data, ref, points, chunk, cells if kept else None)
-            if kept:
-                if save is not None:
-                    save()
-                advance(1)
+
+    def evaluate(alphas, betas):
+        coef = (torch.as_tensor(alphas), torch.as_tensor(betas))
+        with torch.inference_mode():
+            if inputs is not None:
+                return local(e.model, spec, diffusion, inputs, y1, coef, engine)
+            per_seed = [trajectory(e.model, spec, diffusion, seed, y1, coef, engine, shape, dtype)
+                        for seed in cfg.seeds]
+            return {k: torch.cat([d[k] for d in per_seed], dim=1) for k in per_seed[0]}
+    return evaluate
+
+
+def _fill_model(e: ModelEntry, cfg: SurfaceConfig, points: np.ndarray, todo, cells: np.ndarray, save, advance,
+                skipped: int):
+    """Evaluate the chunks ``todo`` [(index, point indices, kept)] of one model into ``cells`` (step,
+    readout, seed, point), saving after each kept one; chunk 0 (the origin's, the reference) is
+    always the first of them, kept or not."""
+    evaluate = _evaluator(e, cfg)
+    advance(skipped)
+    ref = {}
+    for _, chunk, kept in todo:
+        data = evaluate(points[chunk, 0], points[chunk, 1])
+        _compare(e.label, cfg, data, ref, points, chunk, cells if kept else None)
+        if kept:
+            if save is not None:
+                save()
+            advance(1)
+
+
+def sized_batch(entries: list[ModelEntry], cfg: SurfaceConfig, budget: int, measure=devices.peak_bytes) -> int:
+    """Grid points per chunk that fit ``budget`` bytes: the peak memory of a chunk of 1 and of 2
+    points of the real evaluation (``measure(device, fn)``), extrapolated linearly; the least over
+    the models. Costs each model's unperturbed chains once more."""
+    limit = len(_grid_points(cfg))
+    sizes = []
+    for e in entries:
+        evaluate = _evaluator(e, cfg)
+        peaks = [measure(cfg.device, lambda g=g: evaluate(np.zeros(g), np.zeros(g))) for g in (1, 2)]
+        sizes.append(devices.fit_chunk(peaks[0], peaks[1], budget, limit))
+    return min(sizes)
 
 
 def _compare(label: str, cfg: SurfaceConfig, data, ref: dict, points: np.ndarray, chunk: np.ndarray,
