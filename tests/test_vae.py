@@ -328,3 +328,18 @@ def test_correlate_window_psnr_on_decoded_pixels(vae_dir, latent_ckpt, tmp_path)
     assert "latent_psnr" in ds.error.values and ds.attrs["vae_sha256"] == sha256(vae_dir /
                                                                                    "diffusion_pytorch_model.safetensors")
     assert ds.attrs["data_range"] == 1.0 and ds.attrs["latent_data_range"] == 2.0
+
+
+def test_sample_decodes_a_latent_video_model_to_colour_strips_and_gif(vae_dir, make_model, tmp_path):
+    model = make_model("Latte-Mini/2", input_size=8, in_channels=4, num_frames=3, num_classes=0)
+    ckpt = tmp_path / "taichi.pt"
+    torch.save(model.state_dict(), ckpt)
+    argv = ["--ckpt", str(ckpt), "--vae", str(vae_dir), "--vae-chunk", "2", "--per-class", "1",
+            "--cfg-scale", "1", "--num-sampling-steps", "2", "--out", str(tmp_path / "out")]
+    assert run_cli(sample_cli.main, argv) == 0
+    from PIL import Image
+    (gif,) = (tmp_path / "out").glob("samples_taichi_*.gif")
+    with Image.open(gif) as img:
+        assert img.n_frames == 3
+        rgb = np.asarray(img.convert("RGB")).astype(int)
+    assert rgb.shape[0] == 2 * 17 * 4 and (np.abs(rgb[..., 0] - rgb[..., 2]) > 8).any()   # 10 videos, 5 a row
