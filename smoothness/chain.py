@@ -17,7 +17,7 @@ import torch
 
 from .diffusion import Diffusion, SamplerConfig, Step
 from .io_utils import versions
-from .models import Captions, ModelEntry, as_entries, caption_attrs
+from .models import Captions, ModelEntry, Vae, as_entries, caption_attrs
 from .models.protocol import family_of
 
 __all__ = ["Captions", "ModelEntry", "as_entries", "at_steps", "caption_attrs", "check_captions_for", "check_seeds",
@@ -161,17 +161,21 @@ def at_steps(records: Iterable[Step], steps) -> Iterator[Step]:
 
 
 CAPTION_FIELDS = ("caption_embeds", "captions")
+OPTIONAL_FIELDS = ("vae",)       # left out while None: configs without them keep their JSON (and fingerprints)
 
 
 def _plain(value, name: str = ""):
     if isinstance(value, Captions):
         return value.source
+    if isinstance(value, Vae):                       # by content: the same weights elsewhere are the same VAE
+        return {k: v for k, v in value.attrs().items() if k != "vae_path"}
     if value is None and name in CAPTION_FIELDS:
         return ""                                    # no captions: the empty file name
     if hasattr(value, "spelling"):                   # a grid axis: its "min:max:count"
         return value.spelling
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name), f.name) for f in dataclasses.fields(value)}
+        return {f.name: _plain(getattr(value, f.name), f.name) for f in dataclasses.fields(value)
+                if not (f.name in OPTIONAL_FIELDS and getattr(value, f.name) is None)}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .devices import check as check_device  # noqa: F401  (the commands' name for it)
 from .diffusion import OFFICIAL, SPACINGS, SamplerConfig, official_sampling
-from .models import bundled
+from .models import Vae, bundled
+from .models.vae import DEFAULT_CHUNK, check_folder, check_latent
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 
@@ -193,3 +194,54 @@ def model_names(args) -> list[str]:
         if not str(c).strip():
             raise ValueError(f"--ckpt {str(c)!r} is empty; give a checkpoint file")
     return list(args.model or []) + [str(c) for c in args.ckpt or []] or list(bundled.DEFAULT_PAIR)
+
+
+LPIPS_SKIPPED = ("LPIPS skipped: it needs an AlexNet / VGG backbone, which this project does not ship or depend on "
+                 "(torchvision is not a dependency); PSNR and SSIM on decoded pixels are reported")
+
+
+def add_vae_args(parser, lpips: bool = False):
+    """--vae, --vae-scale, --vae-chunk (and --lpips on commands that score fidelity): decode latent
+    checkpoints' samples with a local diffusers AutoencoderKL (``models.vae``)."""
+    parser.add_argument("--vae", type=path_arg, default=None, metavar="FOLDER",
+                        help="a local diffusers AutoencoderKL folder (config.json + "
+                             "diffusion_pytorch_model.safetensors), e.g. sd-vae-ft-ema: latent checkpoints' samples "
+                             "are decoded to RGB and scored in pixel space (default: none; latents as they are)")
+    parser.add_argument("--vae-scale", type=float, default=None, metavar="X",
+                        help="latent scaling factor (default: the VAE config's scaling_factor: 0.18215 for the SD "
+                             "VAEs, 0.13025 for SDXL's)")
+    parser.add_argument("--vae-chunk", type=int, default=None, metavar="N",
+                        help=f"frames (or images) per VAE decoder call: bounds memory (default: {DEFAULT_CHUNK})")
+    if lpips:
+        parser.add_argument("--lpips", type=path_arg, default=None, metavar="FILE",
+                            help="LPIPS weights file; LPIPS is not computed (it needs a torchvision backbone): "
+                                 "a line says so (default: none)")
+
+
+def check_vae_args(args):
+    """The VAE flags on their own, before any model is loaded (the folder's files, not its weights)."""
+    if getattr(args, "lpips", None) is not None:
+        print(LPIPS_SKIPPED)
+    if args.vae is None:
+        for flag, value in (("--vae-scale", args.vae_scale), ("--vae-chunk", args.vae_chunk)):
+            if value is not None:
+                raise ValueError(f"{flag} {value} given without --vae; it only applies to decoding with a VAE")
+        return
+    if args.vae_scale is not None:
+        check_finite(args.vae_scale, "--vae-scale")
+    if args.vae_chunk is not None:
+        check_positive(args.vae_chunk, "--vae-chunk")
+    check_folder(args.vae)
+
+
+def load_vae(args, models: dict, device: str = "cpu") -> Vae | None:
+    """The VAE of ``--vae`` (None without it) on ``device``, checked against every model ({label:
+    model}): latent models only, with the VAE's latent channel count."""
+    if args.vae is None:
+        return None
+    for label, model in models.items():
+        check_latent(model, label)                                     # before the VAE's weights are read
+    vae = Vae.load(args.vae, args.vae_scale, args.vae_chunk or DEFAULT_CHUNK, device=device)
+    for label, model in models.items():
+        vae.check_model(model, label)
+    return vae

@@ -6,6 +6,8 @@
 
 Every figure is written as ``<stem>.png`` with ``<stem>.nc`` (xarray, netCDF) beside it, and
 ``figures/README.md`` gets one line per figure naming the command and the paper figure it answers.
+Every figure is drawn from the bundled pixel-space models, so ``--vae`` (decoding latents) does not
+apply here and is refused; latent checkpoints are decoded by ``sample``, ``cache`` and ``correlate``.
 
     a  Fig. 2: surfaces of DiT against Skip-DiT at DDPM steps 10 and 250
     b  teaser (a): cosine similarity of cached and uncached outputs against the timestep
@@ -35,7 +37,7 @@ from .analysis import correlate
 from .analysis import dynamics as dyn
 from .analysis import spectral as spec
 from .cache.sweep import FORECAST_SPECS, SWEEP_METHODS, SweepConfig, sweep
-from .cli import check_out_folder, check_positive, parser, path_arg, run_cli
+from .cli import add_vae_args, check_out_folder, check_positive, check_vae_args, parser, path_arg, run_cli
 from .data.sample import generate
 from .diffusion import SamplerConfig
 from .io_utils import atomic_path, check_writable
@@ -210,6 +212,15 @@ def _times(path: Path) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ CLI
+def _refuse_vae(args):
+    """--vae is checked like everywhere, then refused: every figure is drawn from pixel-space models."""
+    check_vae_args(args)
+    if args.vae is not None:
+        raise ValueError(f"--vae {str(args.vae)!r} given, but every figure is drawn from the bundled pixel-space "
+                         "models: they have no latents to decode; allowed: leave out --vae (latent checkpoints are "
+                         "decoded by python -m smoothness.sample / cache / correlate --ckpt ... --vae)")
+
+
 def main(argv=None):
     p = parser("python -m smoothness.figures", __doc__)
     p.add_argument("--only", default=",".join(sorted(PAPER)),
@@ -218,7 +229,9 @@ def main(argv=None):
                    help="default (<= 15 min on 2 cores) or paper (finer grids, more seeds; hours) (default: default)")
     p.add_argument("--out", type=path_arg, default=Path("figures"), help="output folder (default: figures/)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: 0)")
+    add_vae_args(p)
     args = p.parse_args(argv)
+    _refuse_vae(args)
     only = [c.strip() for c in args.only.split(",") if c.strip()]
     bad = [c for c in only if c not in PAPER]
     if bad or not only:

@@ -11,6 +11,10 @@ against the smoothness of the step-s surface.
   uncached one (same noise), in dB, larger = better. The chain is only run from step s-window-1 on,
   starting from the uncached chain's x_t and sampler-noise state there, which gives exactly the
   same result as the whole chain.
+
+With a VAE (``vae``, a ``models.Vae``) both final samples are decoded and ``psnr`` is taken on the RGB
+pixels in [0, 1] (data range 1), as the paper reports it; the latents' PSNR is kept as
+``latent_psnr`` (data range ``data_range``).
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ class CachingErrorConfig:
     lag: int = 1                   # per-step error: the cache was filled at step s - lag
     window: int = 2                # window error: steps s-window..s+window are cached
     data_range: float = 2.0        # PSNR peak-to-peak range of the samples ([-1, 1] pixels)
+    vae: object = None             # a models.Vae: psnr on decoded pixels in [0, 1], latent_psnr beside; None: as sampled
 
     def __post_init__(self):
         object.__setattr__(self, "caption_embeds", Captions.of(self.caption_embeds))
@@ -69,6 +74,16 @@ class CachingErrorConfig:
             raise ValueError(f"window={self.window} caches {2 * self.window + 1} steps, more than the "
                              f"{self.sampler.num_steps - 1} cacheable steps of a {self.sampler.num_steps}-step chain; "
                              f"allowed: 0..{(self.sampler.num_steps - 2) // 2}")
+
+    @property
+    def errors(self) -> dict:
+        """ERRORS, and with a VAE ``latent_psnr`` too (``psnr`` is then on decoded pixels)."""
+        if self.vae is None:
+            return ERRORS
+        return {**ERRORS, "psnr": ("PSNR of the decoded final sample (RGB in [0, 1]), caching around the step, "
+                                   "against the uncached one", "dB", False),
+                "latent_psnr": ("PSNR of the final latents, caching around the step, against the uncached ones",
+                                "dB", False)}
 
     def method_for(self, model) -> str:
         if self.method != "auto":
@@ -96,6 +111,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
     """10 log10(range^2 / MSE), each sample flattened over all its dims, mean over samples (inf if equal)."""
     err = ((_flat(a) - _flat(b)) ** 2).mean(1)
     return float((10 * torch.log10(data_range ** 2 / err)).mean())
+
+
+def _psnrs(x0: torch.Tensor, final: torch.Tensor, cfg: CachingErrorConfig) -> list[float]:
+    """[psnr] of the samples; with a VAE [psnr of the decoded pixels, psnr of the latents]."""
+    if cfg.vae is None:
+        return [psnr(x0, final, cfg.data_range)]
+    pixels = psnr(cfg.vae.decode(x0), cfg.vae.decode(final, reuse=True), 1.0)
+    return [pixels, psnr(x0, final, cfg.data_range)]
 
 
 def step_error(model, cache: CacheConfig, diffusion: Diffusion, sampler: SamplerConfig, x_fill, t_fill,
@@ -133,11 +156,14 @@ def caching_errors(models, cfg: CachingErrorConfig, log=None) -> xr.DataArray:
     entries = chain.as_entries(models)
     diffusion = Diffusion.for_config(cfg.sampler)
     steps, seeds = sorted(cfg.steps), list(cfg.seeds)
-    out = np.full((len(entries), len(steps), len(seeds), len(ERRORS)), np.nan)
+    errors = cfg.errors
+    out = np.full((len(entries), len(steps), len(seeds), len(errors)), np.nan)
     caches, captions = {}, cfg.caption_embeds
     for e in entries:                                                  # validate before any work
         caches[e.label] = CacheConfig(method=cfg.method_for(e.model), k=cfg.k)
         caches[e.label].check(e.model)
+        if cfg.vae is not None:
+            cfg.vae.check_model(e.model, e.label)
         chain.labels(e.model, cfg.class_label, who=e.label, captions=captions)
     for m, e in enumerate(entries):
         model, cache = e.model.eval(), caches[e.label]
@@ -165,7 +191,7 @@ def caching_errors(models, cfg: CachingErrorConfig, log=None) -> xr.DataArray:
                     gen = torch.Generator()
                     gen.set_state(noise[first - 1])
                     x0 = window_final(model, cache, diffusion, cfg.sampler, first, last, x_t[first - 1], gen, y)
-                    out[m, i, j, 2] = psnr(x0, final, cfg.data_range)
+                    out[m, i, j, 2:] = _psnrs(x0, final, cfg)
             if log:
                 log(f"{e.label} seed {seed}: caching errors at steps {steps} done ({cache.method}, k={cache.k})")
     return xr.DataArray(
@@ -173,9 +199,9 @@ def caching_errors(models, cfg: CachingErrorConfig, log=None) -> xr.DataArray:
         coords={"model": [e.label for e in entries], "step": ("step", steps, {"long_name": "sampler iteration (1-based)"}),
                 "timestep": ("step", [diffusion.timestep_of(s) for s in steps],
                              {"long_name": "DDPM timestep t on the 1000-step scale"}),
-                "seed": seeds, "error": list(ERRORS),
-                "error_units": ("error", [v[1] for v in ERRORS.values()]),
-                "error_long_name": ("error", [v[0] for v in ERRORS.values()]),
+                "seed": seeds, "error": list(errors),
+                "error_units": ("error", [v[1] for v in errors.values()]),
+                "error_long_name": ("error", [v[0] for v in errors.values()]),
                 "method": ("model", [caches[e.label].method for e in entries]),
                 "window_first": ("step", [cfg.window_of(s)[0] for s in steps], {"long_name": "first cached step"}),
                 "window_last": ("step", [cfg.window_of(s)[1] for s in steps], {"long_name": "last cached step "

@@ -2,6 +2,7 @@
 
     python -m smoothness.correlate                         # bundled DiT and Skip-DiT -> results/ (~2.5 CPU-min)
     python -m smoothness.correlate --seeds 0,1,2,3,4 --grid=-0.25:0.25:11 --window 4
+    python -m smoothness.correlate --ckpt DiT-XL-2-skip.pt --vae sd-vae-ft-ema   # window PSNR on decoded pixels
 
 The CLI computes each model in its own process (``--jobs``, default 2: the bundled pair on two
 cores), writes ``<name>.nc`` (this Dataset), ``<name>_surface.nc`` (the surfaces) and
@@ -21,8 +22,9 @@ import xarray as xr
 
 from .. import chain
 from ..cache import CacheConfig
-from ..cli import (add_model_args, add_sampler_args, check_name, check_out_folder, check_positive, check_sampler_flags,
-                   model_names, official_sampler, parse_int_list, parser, path_arg, sampler_flags)
+from ..cli import (add_model_args, add_sampler_args, add_vae_args, check_name, check_out_folder, check_positive,
+                   check_sampler_flags, check_vae_args, load_vae, model_names, official_sampler, parse_int_list, parser,
+                   path_arg, sampler_flags)
 from ..diffusion import SAMPLERS, SamplerConfig
 from ..io_utils import (atomic_path, check_writable, fingerprint, guard_results, remove_stale_temporaries,
                         run_name)
@@ -75,6 +77,7 @@ def _parser():
     a("--overwrite", action="store_true", help="replace a finished result of a different configuration "
       "(default: refuse)")
     add_sampler_args(p)
+    add_vae_args(p)
     return p
 
 
@@ -83,8 +86,10 @@ def config_from_args(args) -> CorrelateConfig:
     d = CorrelateConfig()
     if args.score not in SCORES:
         raise ValueError(f"unknown --score {args.score!r}; allowed: {', '.join(SCORES)}")
-    if args.error not in ERRORS:
-        raise ValueError(f"unknown --error {args.error!r}; allowed: {', '.join(ERRORS)}")
+    errors = list(ERRORS) + (["latent_psnr"] if args.vae is not None else [])
+    if args.error not in errors:
+        raise ValueError(f"unknown --error {args.error!r}; allowed: {', '.join(errors)}")
+    check_vae_args(args)
     check_positive(args.threads, "--threads")
     check_positive(args.jobs, "--jobs")
     check_out_folder(args.out)
@@ -130,6 +135,7 @@ def main(argv=None):
     entries = load_entries(names, args.num_heads)
     sampler = official_sampler(cfg.surface.sampler, [e.model for e in entries], sampler_flags(args))
     cfg = replace(cfg, surface=replace(cfg.surface, sampler=sampler))
+    cfg = replace(cfg, vae=load_vae(args, {e.label: e.model for e in entries}))
     for e in entries:                                                  # validate before any work
         CacheConfig(method=cfg.method_for(e.model), k=cfg.k).check(e.model)
         chain.labels(e.model, cfg.surface.class_label, who=e.label, captions=cfg.surface.captions)

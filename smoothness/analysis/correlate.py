@@ -63,6 +63,7 @@ class CorrelateConfig:
     window: int = 2                # window error: steps s-window..s+window are cached
     readout: str = "output"        # the surface readout whose scores are correlated
     data_range: float = 2.0        # PSNR peak-to-peak range of the samples ([-1, 1] pixels)
+    vae: object = None             # a models.Vae: the window PSNR on decoded pixels (latent_psnr beside); None: as sampled
     n_resamples: int = 2000        # bootstrap resamples
     confidence: float = 0.95       # bootstrap interval coverage
     bootstrap_seed: int = 0        # seed of the bootstrap draws
@@ -85,7 +86,8 @@ class CorrelateConfig:
         s = self.surface
         return CachingErrorConfig(steps=tuple(sorted(s.steps)), sampler=s.sampler, seeds=tuple(s.seeds),
                                   class_label=s.class_label, caption_embeds=s.caption_embeds, method=self.method,
-                                  k=self.k, lag=self.lag, window=self.window, data_range=self.data_range)
+                                  k=self.k, lag=self.lag, window=self.window, data_range=self.data_range,
+                                  vae=self.vae)
 
     @property
     def steps(self) -> list[int]:
@@ -182,6 +184,8 @@ def compute(entries, cfg: CorrelateConfig = CorrelateConfig(), *, surfaces: xr.D
                     direction_seed=cfg.surface.perturbation.directions.seed,
                     **chain.sampler_attrs(cfg.sampler), **chain.provenance(entries), **corr.attrs,
                     **caption_attrs(cfg.surface.caption_embeds))
+    if cfg.vae is not None:
+        ds.attrs.update(data_range=1.0, latent_data_range=cfg.data_range, **cfg.vae.attrs())
     return ds
 
 

@@ -40,7 +40,7 @@ from ..io_utils import atomic_path, versions
 from ..models import Captions
 from ..models.bundled import is_pixel_digits
 from ..models.protocol import family_of
-from . import flops
+from . import flops, pixels
 from .base import FORECASTS, CacheConfig, method_class, method_names
 from .calibrate import calibrate
 from .skip_cache import apply_cache
@@ -95,6 +95,7 @@ class SweepConfig:
     captions: Captions | None = None                  # text-to-video models: the captions (N, L, C), loaded
     thresholds: tuple[float, ...] = ()                # dynamic methods' thresholds; empty: each method's own grid
     calibration: object = None                        # a Calibration for one model; None: one run per (model, seed)
+    vae: object = None                                # a models.Vae: fidelity on decoded pixels (cache.pixels); None: as sampled
     dtype: str = "float32"                            # float32, or bfloat16: every chain under bf16 autocast
 
     def __post_init__(self):
@@ -148,7 +149,8 @@ class SweepConfig:
         """What a partial file must match to be resumed: the sampler, samples, seeds and every config name."""
         return json.dumps({"sampler": dataclasses.asdict(self.sampler), "classes": self.classes,
                            "per_class": self.per_class, "seeds": self.seeds,
-                           "configs": {m: [c.name for c in self.settings(m)] for m in self.methods}})
+                           "configs": {m: [c.name for c in self.settings(m)] for m in self.methods},
+                           **({"vae": chain.config_json(self.vae)} if self.vae is not None else {})})
 
 
 def run_chain(model, diffusion, shape, y, sampler, seed, config: CacheConfig | None, dtype: str = "float32"):
@@ -189,7 +191,7 @@ class _Results:
         self.coords = {"model": list(models), "method": list(cfg.methods), "setting": list(range(cfg.num_settings)),
                        "seed": list(cfg.seeds)}
         size = [len(self.coords[d]) for d in DIMS]
-        self.data = {v: np.full(size, np.nan) for v in SCORES}
+        self.data = {v: np.full(size, np.nan) for v in (*SCORES, *pixels.extra(cfg.vae))}
         self.cos = np.full(size + [cfg.sampler.num_steps], np.nan)
         self.ref = {v: np.full((len(models), len(cfg.seeds)), np.nan) for v in ("accuracy", "frechet", "seconds")}
         self.masks = np.full(size, "", dtype=object)
@@ -226,6 +228,7 @@ class _Results:
                         **self.process, **{f"calibration_{k}": v for k, v in self.calibrations.items()},
                         **{f"version_{k}": str(v) for k, v in versions().items()})
         ds.attrs.update(chain.sampler_attrs(sampler))               # the chain's spacing and guided channels too
+        pixels.describe(ds, self.data, DIMS, cfg.vae)
         if self.shard[1] > 1:
             ds.attrs["shard"] = f"{self.shard[0]}/{self.shard[1]}"   # which cells this file may hold
         return ds
@@ -365,13 +368,7 @@ def _score(res: _Results, at, run, ref, y, scorer, cost: xr.Dataset, frechet: bo
     """Fill cell ``at`` from a cached run against the reference run (both ``run_chain`` results)."""
     (x, out, sec, state), (x_ref, ref_out, ref_sec, _) = run, ref
     data = res.data
-    data["psnr"][at] = metrics.psnr(x, x_ref, data_range=2.0).mean().item()
-    side = min(x.shape[-2:])                                          # 11-tap Gaussian window, or smaller
-    win = min(11, side if side % 2 else side - 1)
-    data["ssim"][at] = metrics.ssim(x, x_ref, data_range=2.0, win_size=win).mean().item()
-    data["mse"][at] = metrics.mse(x, x_ref).mean().item()
-    if x.dim() == 5:
-        data["temporal_change_ratio"][at] = (metrics.temporal_change(x) / metrics.temporal_change(x_ref)).mean().item()
+    pixels.fidelity(data, at, x, x_ref, res.cfg.vae)                  # PSNR, SSIM, MSE (decoded with a VAE)
     res.cos[at] = torch.nn.functional.cosine_similarity(out.flatten(2).double(), ref_out.flatten(2).double(),
                                                         dim=2).mean(1).numpy()
     if scorer is not None:

@@ -13,8 +13,11 @@ file of another configuration is not replaced without ``--overwrite``.
 Text-to-video checkpoints take precomputed caption embeddings (no text encoder is needed): one row
 per caption, ``--per-class`` videos each, drawn as frame strips; the latents are also saved as
 ``samples_<label>_<chain>.pt`` (N, C, F, H, W) for decoding elsewhere.
-Latent checkpoints (4 channels) are shown as their first latent channel: decoding needs the SD VAE,
-which is not bundled.
+Latent checkpoints (4 channels) are shown as their first latent channel, or, with ``--vae FOLDER``
+(a local diffusers AutoencoderKL: sd-vae-ft-ema for DiT and Latte, sdxl-vae-fp16-fix for HunYuan-DiT),
+as the decoded RGB images; videos are decoded frame by frame (``--vae-chunk`` frames per call).
+
+    python -m smoothness.sample --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema --classes 207,360 --cfg-scale 4
 """
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ from tqdm.auto import tqdm
 
 from .. import chain, metrics
 from ..chain import config_json
-from ..cli import (add_sampler_args, check_out_folder, check_positive, check_sampler_flags, model_names,
-                   official_sampler, parse_int_list, parser, path_arg, run_cli, sampler_flags)
+from ..cli import (add_sampler_args, add_vae_args, check_out_folder, check_positive, check_sampler_flags,
+                   check_vae_args, load_vae, model_names, official_sampler, parse_int_list, parser, path_arg, run_cli,
+                   sampler_flags)
 from ..diffusion import SAMPLERS, Diffusion, SamplerConfig
 from ..io_utils import (
     atomic_path,
@@ -116,6 +120,7 @@ def _parser():
                    help="negative-prompt embedding (L, C), the CFG unconditional input, or 'learned': the "
                         "checkpoint's caption_projection.y_embedding (PixArt's null caption) (default: zeros)")
     add_sampler_args(p)
+    add_vae_args(p)
     return p
 
 
@@ -134,27 +139,30 @@ def _load_models(args, captions, negative) -> list:
     return models
 
 
-def _draw(model, label: str, classes, args, config: SamplerConfig, captions, out: Path, fp: str, bar):
-    """Sample one model's grid (or strips) and write its pictures; returns (samples, written paths)."""
+def _draw(model, label: str, classes, args, config: SamplerConfig, captions, out: Path, fp: str, bar, vae=None):
+    """Sample one model's grid (or strips) and write its pictures, decoded by ``vae`` if given;
+    returns (samples, written paths)."""
     guidance = f"cfg {config.cfg_scale}" if model.config.num_classes or captions is not None else "unconditional"
     title = f"{label}: {config.label}, {guidance}, seed {args.seed}"
     stem = out / f"samples_{label}_{config.label}"
     written = []
     if captions is not None:
         samples = generate_text(model, captions.embeds, args.per_class, config, args.seed, bar)
-        frames = samples if samples.dim() == 5 else samples.unsqueeze(2)   # images: one frame per row
-        fig = strip_figure(frames, title, pixel_range=False)
+        shown = samples if vae is None else vae.decode(samples)            # (N, 3, [F,] H', W') in [0, 1]
+        frames = shown if shown.dim() == 5 else shown.unsqueeze(2)         # images: one frame per row
+        fig = strip_figure(frames, title, pixel_range=False, rgb=vae is not None)
         with atomic_path(stem.with_suffix(".pt")) as tmp:
             torch.save(samples, tmp)
         written.append(stem.with_suffix(".pt"))
     else:
         samples = generate(model, classes, args.per_class, config, args.seed, bar)
+        shown, rgb = (samples, False) if vae is None else (vae.decode(samples), True)
         if samples.dim() == 5:
-            fig = strip_figure(samples, title, pixel_range=bundled.is_pixel(model))
-            write_gif(samples, stem.with_suffix(".gif"))
+            fig = strip_figure(shown, title, pixel_range=bundled.is_pixel(model), rgb=rgb)
+            write_gif(shown, stem.with_suffix(".gif"), rgb=rgb)
             written.append(stem.with_suffix(".gif"))
         else:
-            fig = grid_figure(samples, classes, title)
+            fig = grid_figure(shown, classes, title, rgb=rgb)
     with atomic_path(stem.with_suffix(".png")) as tmp:
         fig.savefig(tmp, dpi=120, format="png", metadata={"fingerprint": fp})
     plt.close(fig)
@@ -182,6 +190,7 @@ def _check_args(args):
         raise ValueError("--negative-embeds needs --caption-embeds")
     if args.negative_embeds is not None and not args.negative_embeds.strip():
         raise ValueError("--negative-embeds '' is empty; give a file or learned")
+    check_vae_args(args)
 
 
 def main(argv=None):
@@ -195,6 +204,7 @@ def main(argv=None):
     negative = "learned" if args.negative_embeds == "learned" else Captions.of(args.negative_embeds)
     out = check_writable(args.out)
     models = _load_models(args, captions, negative)
+    vae = load_vae(args, dict(models))
     jobs = []
     for name, model in models:                                   # every output checked before any sampling
         model_config = official_sampler(SamplerConfig(**{**config.__dict__, "clip_denoised": bundled.is_pixel(model)}),
@@ -203,7 +213,8 @@ def main(argv=None):
         png = out / f"samples_{label}_{model_config.label}.png"
         fp = fingerprint(config_json(model_config), classes, args.per_class, args.seed, name,
                          captions.sha256 if captions is not None else "",
-                         negative if isinstance(negative, str) or negative is None else negative.sha256)
+                         negative if isinstance(negative, str) or negative is None else negative.sha256,
+                         *([config_json(vae)] if vae is not None else []))
         guard_results([png], fp, args.overwrite)
         remove_stale_temporaries(png.with_suffix(ext) for ext in (".png", ".gif", ".pt"))
         jobs.append((name, model, label, model_config, fp))
@@ -211,7 +222,7 @@ def main(argv=None):
         print(f"{label}: {model_config.label} -> {out}/samples_{label}_{model_config.label}.png")
         t0 = time.time()
         with tqdm(total=model_config.num_steps, desc=label, unit="step") as bar:
-            samples, paths = _draw(model, label, classes, args, model_config, captions, out, fp, bar)
+            samples, paths = _draw(model, label, classes, args, model_config, captions, out, fp, bar, vae)
         print(f"{label}: {len(samples)} samples in {time.time() - t0:.1f}s -> " + ", ".join(map(str, paths)))
         if args.score_samples:
             score(label, model, args.score_samples, args.batch_size, model_config, args.seed)
