@@ -35,15 +35,16 @@ def check(device: str) -> str:
     return text
 
 
-def add_args(parser, dtype_help: str = "bfloat16 runs the model under autocast"):
-    """--device, --dtype, --no-tf32 and --compile."""
+def add_args(parser, dtype_help: str = "bfloat16 runs the model under autocast", compile_flag: bool = True):
+    """--device, --dtype, --no-tf32 and (with ``compile_flag``) --compile."""
     a = parser.add_argument
     a("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     a("--dtype", choices=list(DTYPES), default="float32", help=f"{dtype_help} (default: float32)")
     a("--no-tf32", dest="tf32", action="store_false", help="CUDA: keep fp32 matmuls in full fp32 (default: TF32 on, "
       "recorded in the result's attributes)")
-    a("--compile", action="store_true", help="torch.compile each unit (transformer block) of the model; the first "
-      "calls pay the compile time (default: off)")
+    if compile_flag:
+        a("--compile", action="store_true", help="torch.compile each transformer block of the model; the first "
+          "calls pay the compile time (default: off)")
 
 
 def setup(device: str, tf32: bool = True) -> dict:

@@ -10,6 +10,7 @@ cores), writes ``<name>.nc`` (this Dataset), ``<name>_surface.nc`` (the surfaces
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -20,14 +21,14 @@ import matplotlib.pyplot as plt
 import torch
 import xarray as xr
 
-from .. import chain
+from .. import chain, devices, ranks
 from ..cache import CacheConfig
 from ..cli import (add_model_args, add_sampler_args, add_vae_args, check_name, check_out_folder, check_positive,
                    check_sampler_flags, check_vae_args, load_vae, model_names, official_sampler, parse_int_list, parser,
                    path_arg, sampler_flags)
 from ..diffusion import SAMPLERS, SamplerConfig
 from ..io_utils import (atomic_path, check_writable, fingerprint, guard_results, remove_stale_temporaries,
-                        run_name)
+                        run_name, stored_fingerprint)
 from ..models import Captions, load_entries
 from ..plots.analysis import correlation_scatter
 from ..surface import SurfaceConfig, io
@@ -77,6 +78,8 @@ def _parser():
     a("--overwrite", action="store_true", help="replace a finished result of a different configuration "
       "(default: refuse)")
     add_sampler_args(p)
+    ranks.add_args(p, "the models (dealt round-robin; run again without --shard to write the result)")
+    devices.add_args(p, "bfloat16 casts the models' weights", compile_flag=False)
     add_vae_args(p)
     return p
 
@@ -104,7 +107,8 @@ def config_from_args(args) -> CorrelateConfig:
     surf = SurfaceConfig(steps=tuple(sorted(set(parse_int_list(args.steps, "--steps")))), sampler=sampler,
                          alpha=grid, beta=Axis.parse(args.grid, "beta grid"), perturbation=pert,
                          seeds=tuple(parse_int_list(args.seeds, "--seeds", unique=True)), class_label=args.class_label,
-                         caption_embeds=Captions.of(args.caption_embeds))
+                         caption_embeds=Captions.of(args.caption_embeds), dtype=args.dtype,
+                         device=ranks.local_device(devices.check(args.device)))
     return CorrelateConfig(surface=surf, method=args.method, k=args.k, lag=args.lag, window=args.window,
                            n_resamples=args.resamples, confidence=args.confidence, bootstrap_seed=args.bootstrap_seed)
 
@@ -113,17 +117,54 @@ def _one_model(name: str, num_heads, cfg: CorrelateConfig, threads: int):
     """Surfaces and caching errors of one model (a worker of ``main``; loads the model itself)."""
     torch.set_num_threads(threads)
     entries = load_entries([name], num_heads)
-    return (surface_dataset.compute(entries, cfg.surface, progress=False),
-            caching_errors(entries, cfg.caching_error, log=print))
+    for e in entries:
+        e.model.to(cfg.surface.device)
+    with devices.out_of_memory(cfg.surface.device, f"evaluating {cfg.surface.batch_size} grid points per chunk",
+                               "lower --batch-size"):
+        return (surface_dataset.compute(entries, cfg.surface, progress=False),
+                caching_errors(entries, cfg.caching_error, log=print))
 
 
-def _run(names, num_heads, cfg: CorrelateConfig, jobs: int, threads: int):
-    """[(surfaces, caching errors)] per model, in ``jobs`` processes (each model in its own)."""
-    work = (names, [num_heads] * len(names), [cfg] * len(names), [threads] * len(names))
-    if min(jobs, len(names)) > 1:
-        with ProcessPoolExecutor(min(jobs, len(names)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(_one_model, *work))
-    return [_one_model(*w) for w in zip(*work)]
+def part_path(out: Path, name: str, k: int) -> Path:
+    """Model k's surfaces and caching errors (the work a rank or shard does; kept until the run is written)."""
+    return out / f"{name}.model-{k}.nc"
+
+
+def _save_part(path: Path, surfaces: xr.Dataset, errors: xr.DataArray, fp: str):
+    with atomic_path(path) as tmp:
+        surfaces.assign_attrs(fingerprint=fp).to_netcdf(tmp, engine="h5netcdf")
+        errors.to_dataset(name="caching_error").to_netcdf(tmp, engine="h5netcdf", mode="a", group="caching_error")
+
+
+def _load_part(path: Path, fp: str):
+    """(surfaces, errors) of a part file made by this configuration, or None."""
+    try:
+        with xr.open_dataset(path, engine="h5netcdf") as f:
+            surfaces = f.load()
+        if surfaces.attrs.get("fingerprint") != fp:
+            return None
+        with xr.open_dataset(path, engine="h5netcdf", group="caching_error") as f:
+            errors = f.load()["caching_error"]
+    except FileNotFoundError:                      # not made yet, or removed by the shard that wrote the result
+        return None
+    del surfaces.attrs["fingerprint"]
+    return surfaces, errors
+
+
+def _run(names, num_heads, cfg: CorrelateConfig, args, out: Path, name: str, fp: str, mine):
+    """Compute the models ``mine`` (indices into ``names``) whose part files are missing, in ``--jobs``
+    processes (each model in its own), and save a part file per model."""
+    todo = [k for k in mine if _load_part(part_path(out, name, k), fp) is None]
+    if len(todo) < len(mine):
+        print(f"reusing {len(mine) - len(todo)} finished model(s) from {out}/{name}.model-*.nc")
+    work = ([names[k] for k in todo], [num_heads] * len(todo), [cfg] * len(todo), [args.threads] * len(todo))
+    if min(args.jobs, len(todo)) > 1:
+        with ProcessPoolExecutor(min(args.jobs, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_one_model, *work))
+    else:
+        results = [_one_model(*w) for w in zip(*work)]
+    for k, (surfaces, errors) in zip(todo, results):
+        _save_part(part_path(out, name, k), surfaces, errors, fp)
 
 
 def main(argv=None):
@@ -143,11 +184,31 @@ def main(argv=None):
     surf_path, nc, png = out / f"{name}_surface.nc", out / f"{name}.nc", out / f"{name}.png"
     fp = fingerprint(cfg.to_json(), [(e.source, e.sha256) for e in entries])
     guard_results([nc], fp, args.overwrite)
-    for stale in remove_stale_temporaries([surf_path, nc, png]):
+    devices.setup(cfg.surface.device, args.tf32)
+    for stale in remove_stale_temporaries([surf_path, nc, png] + [part_path(out, name, k) for k in range(len(names))]):
         print(f"removed {stale}, left by an interrupted write")
-    print(f"writing {nc}, {surf_path} and {png}")
+    shard, launched = ranks.from_args(args)
+    mine = [k for k in range(len(names)) if k % shard[1] == shard[0]]      # models dealt round-robin
     t0 = time.time()
-    parts = _run(names, args.num_heads, cfg, args.jobs, args.threads)
+    if shard[1] > 1:
+        print(f"shard {shard[0]}/{shard[1]}: model(s) {', '.join(entries[k].label for k in mine) or 'none'}"
+              + ("" if mine else "; nothing to do, more shards than models"))
+    with ranks.process_group(cfg.surface.device, args.barrier_timeout) if launched else contextlib.nullcontext():
+        _run(names, args.num_heads, cfg, args, out, name, fp, mine)
+        if launched:
+            ranks.barrier(args.barrier_timeout)
+    parts = [_load_part(part_path(out, name, k), fp) for k in range(len(names))]
+    if launched and shard[0] != 0:
+        return
+    if any(p is None for p in parts):
+        if stored_fingerprint(nc) == fp:
+            print(f"shard {shard[0]}/{shard[1]} done; {nc} is already written (another shard finished last)")
+            return
+        missing = [entries[k].label for k, p in enumerate(parts) if p is None]
+        print(f"shard {shard[0]}/{shard[1]} done in {time.time() - t0:.0f}s; {', '.join(missing)} not yet: when every "
+              "shard is done, run this command again without --shard to write the result")
+        return
+    print(f"writing {nc}, {surf_path} and {png}")
     surfaces = xr.concat([p[0] for p in parts], dim="model", combine_attrs="override")
     surfaces.attrs.update(io.surface_attrs(entries, cfg.surface))
     errors = xr.concat([p[1] for p in parts], dim="model", combine_attrs="override")
@@ -161,5 +222,7 @@ def main(argv=None):
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    for k in range(len(names)):
+        part_path(out, name, k).unlink(missing_ok=True)
     print(table(ds))
     print(f"done in {time.time() - t0:.0f}s: {nc}, {surf_path}, {png}")

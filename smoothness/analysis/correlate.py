@@ -104,7 +104,10 @@ class CorrelateConfig:
         return self.caching_error.window_of(step)
 
     def to_json(self) -> str:
-        return chain.config_json(self)
+        """Every setting as JSON; the surface's device is left out (ranks on different GPUs do one run)."""
+        d = json.loads(chain.config_json(self))
+        d["surface"].pop("device")
+        return json.dumps(d, sort_keys=True)
 
 
 # ------------------------------------------------------------------ correlation

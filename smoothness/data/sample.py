@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from .. import chain, metrics
+from .. import chain, devices, metrics
 from ..chain import config_json
 from ..cli import (add_sampler_args, add_vae_args, check_out_folder, check_positive, check_sampler_flags,
                    check_vae_args, load_vae, model_names, official_sampler, parse_int_list, parser, path_arg, run_cli,
@@ -59,7 +59,7 @@ def _sample(model, shape, y, config: SamplerConfig, seed: int, bar=None) -> torc
             x = rec.x_next
             if bar is not None:
                 bar.update(1)
-    return x
+    return x.float().cpu()                                            # pictures and scores are drawn on the CPU
 
 
 def generate(model, classes: list[int], per_class: int, config: SamplerConfig, seed: int, bar=None) -> torch.Tensor:
@@ -121,6 +121,7 @@ def _parser():
                         "checkpoint's caption_projection.y_embedding (PixArt's null caption) (default: zeros)")
     add_sampler_args(p)
     add_vae_args(p)
+    devices.add_args(p, "bfloat16 samples under bf16 autocast")
     return p
 
 
@@ -202,9 +203,15 @@ def main(argv=None):
     config = _chain(args, given)
     captions = Captions.of(args.caption_embeds)
     negative = "learned" if args.negative_embeds == "learned" else Captions.of(args.negative_embeds)
+    device = devices.check(args.device)
     out = check_writable(args.out)
     models = _load_models(args, captions, negative)
-    vae = load_vae(args, dict(models))
+    vae = load_vae(args, dict(models), device)
+    devices.setup(device, args.tf32)
+    for _, model in models:
+        model.to(device)
+        if args.compile:
+            devices.compile_blocks(model)
     jobs = []
     for name, model in models:                                   # every output checked before any sampling
         model_config = official_sampler(SamplerConfig(**{**config.__dict__, "clip_denoised": bundled.is_pixel(model)}),
@@ -214,14 +221,16 @@ def main(argv=None):
         fp = fingerprint(config_json(model_config), classes, args.per_class, args.seed, name,
                          captions.sha256 if captions is not None else "",
                          negative if isinstance(negative, str) or negative is None else negative.sha256,
-                         *([config_json(vae)] if vae is not None else []))
+                         *([config_json(vae)] if vae is not None else []),
+                         *([args.dtype] if args.dtype != "float32" else []))
         guard_results([png], fp, args.overwrite)
         remove_stale_temporaries(png.with_suffix(ext) for ext in (".png", ".gif", ".pt"))
         jobs.append((name, model, label, model_config, fp))
     for name, model, label, model_config, fp in jobs:
         print(f"{label}: {model_config.label} -> {out}/samples_{label}_{model_config.label}.png")
         t0 = time.time()
-        with tqdm(total=model_config.num_steps, desc=label, unit="step") as bar:
+        with tqdm(total=model_config.num_steps, desc=label, unit="step") as bar, devices.autocast(device, args.dtype), \
+                devices.out_of_memory(device, f"sampling {args.per_class} per class", "lower --per-class"):
             samples, paths = _draw(model, label, classes, args, model_config, captions, out, fp, bar, vae)
         print(f"{label}: {len(samples)} samples in {time.time() - t0:.1f}s -> " + ", ".join(map(str, paths)))
         if args.score_samples:

@@ -124,7 +124,7 @@ def config_from_args(args) -> SurfaceConfig:
                          metric=args.metric, flatten=args.flatten,
                          seeds=tuple(parse_int_list(args.seeds, "--seeds", unique=True)), class_label=args.class_label,
                          caption_embeds=Captions.of(args.caption_embeds),
-                         batch_size=args.batch_size or d.batch_size, dtype=args.dtype,
+                         batch_size=d.batch_size if args.batch_size is None else args.batch_size, dtype=args.dtype,
                          device=ranks.local_device(args.device))
 
 
