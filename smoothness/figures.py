@@ -3,6 +3,7 @@
     python -m smoothness.figures                       # all of them, default resolution (<= 15 min, 2 cores)
     python -m smoothness.figures --only a,e            # some of them
     python -m smoothness.figures --resolution paper    # finer grids, more seeds and settings (slow)
+    torchrun --nproc-per-node 2 -m smoothness.figures  # figures dealt to ranks, longest first (also --shard i/n)
 
 Every figure is written as ``<stem>.png`` with ``<stem>.nc`` (xarray, netCDF) beside it, and
 ``figures/README.md`` gets one line per figure naming the command and the paper figure it answers.
@@ -22,6 +23,7 @@ apply here and is refused; latent checkpoints are decoded by ``sample``, ``cache
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from .analysis import correlate
 from .analysis import dynamics as dyn
 from .analysis import spectral as spec
 from .cache.sweep import FORECAST_SPECS, SWEEP_METHODS, SweepConfig, sweep
+from . import ranks
 from .cli import add_vae_args, check_out_folder, check_positive, check_vae_args, parser, path_arg, run_cli
 from .data.sample import generate
 from .diffusion import SamplerConfig
@@ -97,6 +100,7 @@ RESOLUTIONS = {
                         spectral_steps=(10, 50, 100, 150, 200, 250), spectral_iterations=100, video_samples=10),
 }
 DIGITS = SamplerConfig(num_steps=250, clip_denoised=True)      # the surfaces' chain (DDPM-250)
+GUESS_S = 60.0                                                 # seconds assumed for a figure the README has no time for
 TEASER = dict(skip=("skip-cache",), plain=("fora", "deep-reuse"))
 
 
@@ -211,6 +215,27 @@ def _times(path: Path) -> dict[str, float]:
     return out
 
 
+def deal(only: list[str], times: dict[str, float], n: int) -> list[list[str]]:
+    """The letters each of n ranks / shards makes: b and c share one sweep, so they stay together;
+    the groups go longest first (times from the README, else ``GUESS_S``) to the least-loaded rank,
+    ties to the lowest rank. Every rank computes the same deal from the same README."""
+    groups = [[k for k in ("b", "c") if k in only]] + [[k] for k in sorted(only) if k not in ("b", "c")]
+    groups = [g for g in groups if g]
+    cost = lambda g: sum(times.get(k, GUESS_S) for k in g)
+    load, out = [0.0] * n, [[] for _ in range(n)]
+    for g in sorted(groups, key=lambda g: (-cost(g), g)):
+        r = min(range(n), key=lambda i: (load[i], i))
+        load[r] += cost(g)
+        out[r] += g
+    return [sorted(letters) for letters in out]
+
+
+def _write_readme(out: Path, done: dict[str, float], resolution: str):
+    """Merge this process's times into the README as it is now (other ranks or shards write theirs)."""
+    with atomic_path(out / "README.md") as tmp:
+        tmp.write_text(readme({**_times(out / "README.md"), **done}, resolution))
+
+
 # ------------------------------------------------------------------ CLI
 def _refuse_vae(args):
     """--vae is checked like everywhere, then refused: every figure is drawn from pixel-space models."""
@@ -230,6 +255,7 @@ def main(argv=None):
     p.add_argument("--out", type=path_arg, default=Path("figures"), help="output folder (default: figures/)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: 0)")
     add_vae_args(p)
+    ranks.add_args(p, "the figures (b and c together; longest first, by the README's times)")
     args = p.parse_args(argv)
     _refuse_vae(args)
     only = [c.strip() for c in args.only.split(",") if c.strip()]
@@ -238,15 +264,25 @@ def main(argv=None):
         raise ValueError(f"unknown figure {bad[0] if bad else args.only!r} in --only; allowed: {', '.join(sorted(PAPER))}")
     check_positive(args.threads, "--threads", zero=True)
     check_out_folder(args.out)
+    shard, launched = ranks.from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = RESOLUTIONS[args.resolution]
     out = check_writable(args.out)
+    mine = deal(only, _times(out / "README.md"), shard[1])[shard[0]]
+    if shard[1] > 1:
+        print(f"shard {shard[0]}/{shard[1]}: figures {', '.join(mine) or 'none (more shards than figures)'}")
+    with ranks.process_group("cpu", args.barrier_timeout) if launched else contextlib.nullcontext():
+        _make(mine, RESOLUTIONS[args.resolution], args.resolution, out)
+        if launched:
+            ranks.barrier(args.barrier_timeout)
+
+
+def _make(only: list[str], res: Resolution, resolution: str, out: Path):
+    """Draw the figures ``only`` into ``out``, each with its data, updating the README after each."""
     pair, video = bundled.DEFAULT_PAIR, bundled.VIDEO_PAIR
     models = {n: bundled.load(n).eval() for n in pair}
     log = lambda msg: print(f"  {msg}")
-    done = _times(out / "README.md")
-    sweep_ds = None
+    done, sweep_ds = {}, None
     for key in sorted(only):
         t0 = time.time()
         print(f"({key}) {PAPER[key]}")
@@ -273,13 +309,12 @@ def main(argv=None):
             fig = plan_figure(ds)
         else:
             ds, fig, _ = video_samples(video, res, out, log)
-        ds.attrs.update(figure=key, answers=PAPER[key], resolution=args.resolution,
-                        command=f"python -m smoothness.figures --only {key} --resolution {args.resolution}")
+        ds.attrs.update(figure=key, answers=PAPER[key], resolution=resolution,
+                        command=f"python -m smoothness.figures --only {key} --resolution {resolution}")
         paths = _save(ds, fig, out, STEMS[key])
         done[key] = time.time() - t0
         print(f"    {done[key]:.0f}s -> " + ", ".join(str(q) for q in paths))
-        with atomic_path(out / "README.md") as tmp:
-            tmp.write_text(readme(done, args.resolution))
+        _write_readme(out, done, resolution)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,48 @@ def test_video_samples_carry_their_digit_scores(tmp_path, make_model):
     assert float(ds.label_consistency[0]) == want["label_consistency"]
     assert (ds.digit.values[0] == want["labels"].numpy()).all()
     assert ds.confidence.attrs["real_test_videos"] > 0.9
+
+
+def test_deal_keeps_b_with_c_and_puts_the_longest_first():
+    from smoothness.figures import PAPER, deal
+    times = {"a": 25, "b": 212, "c": 2, "d": 9, "e": 124, "f": 20, "g": 14, "h": 24, "i": 892}
+    two = deal(sorted(PAPER), times, 2)
+    assert two == [["i"], ["a", "b", "c", "d", "e", "f", "g", "h"]]               # 892 s against 430 s
+    three = deal(sorted(PAPER), times, 3)
+    assert sorted(k for r in three for k in r) == sorted(PAPER)                     # every figure once
+    # by hand: i -> 0; b+c (214) -> 1; then e, a, h, f, g, d each to the least loaded, always rank 2
+    # (124, 149, 173, 193, 207, 216 s: each still below b+c's 214 when it is placed)
+    assert three == [["i"], ["b", "c"], ["a", "d", "e", "f", "g", "h"]]
+    assert deal(["d", "f"], {}, 3) == [["d"], ["f"], []]                            # no times: guessed equal
+
+
+def test_a_shard_makes_only_its_figures(tmp_path, capsys):
+    from smoothness.figures import main
+    assert run_cli(main, ["--only", "d,f", "--shard", "2/3", "--out", str(tmp_path)]) == 0
+    assert "figures none (more shards than figures)" in capsys.readouterr().out
+    assert run_cli(main, ["--only", "d,f", "--shard", "0/3", "--out", str(tmp_path), "--threads", "1"]) == 0
+    assert (tmp_path / "fig_d_feature_dynamics.png").is_file() and not (tmp_path / "fig_f_spectral_norms.png").exists()
+    readme = (tmp_path / "README.md").read_text()
+    assert "| d |" in readme and readme.count("not run") == len("abcefghi")
+
+
+def test_torchrun_ranks_share_the_figures_and_one_readme(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(port), "-m", "smoothness.figures", "--only", "d,f",
+                          "--out", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "shard 0/2: figures d" in run.stdout and "shard 1/2: figures f" in run.stdout
+    readme = (tmp_path / "README.md").read_text()
+    assert (tmp_path / "fig_d_feature_dynamics.png").is_file() and (tmp_path / "fig_f_spectral_norms.png").is_file()
+    assert readme.count("not run") == len("abceghi")
