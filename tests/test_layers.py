@@ -11,7 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "smoothness"
 LAYERS = [  # lowest first; a module may import its own layer and the ones before it
     ("util", ("smoothness", "smoothness._moved", "smoothness.io_utils")),
     ("core", ("smoothness.models", "smoothness.diffusion", "smoothness.hooks", "smoothness.chain",
-              "smoothness.data", "smoothness.metrics", "smoothness.cli", "smoothness.ranks", "smoothness.schedules")),
+              "smoothness.data", "smoothness.metrics", "smoothness.cli", "smoothness.ranks", "smoothness.schedules",
+              "smoothness.devices")),
     ("engines", ("smoothness.surface", "smoothness.cache")),
     ("analysis", ("smoothness.analysis", "smoothness.plan")),
     ("plots", ("smoothness.plots",)),
