@@ -1,6 +1,7 @@
 """A cache sweep split across processes (--shard i/n, torchrun ranks) merges to the one-process
 sweep, bit for bit but for wall times; bad splits and mixed shards are refused with one line."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -146,3 +147,51 @@ def test_torchrun_two_ranks_sweep_equals_one_rank(tmp_path):
     _same(cache_cli.load(tmp_path / "tr" / NAME), cache_cli.load(tmp_path / "one" / NAME))
     assert not list((tmp_path / "tr").glob("*.shard-*"))               # rank 0 merged and tidied up
     assert (tmp_path / "tr" / NAME.replace(".nc", ".png")).is_file()
+
+
+def _rank_pid(agent_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank (a child of the agent), or None while it starts."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == agent_pid and f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    return None
+
+
+def test_a_killed_rank_resumes_under_torchrun_to_the_same_sweep(tmp_path):
+    """SIGKILL rank 1 after its first saved cell: torchrun fails the job; rerun with --resume, each rank
+    redoes only its unfinished cells, and the merged sweep equals one process's."""
+    import signal
+    import time
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    argv = _argv(tmp_path / "k") + ["--num-sampling-steps", "30"]
+
+    def launch(*extra):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                                 "127.0.0.1", "--master-port", str(_free_port()), "-m", "smoothness.cache", *argv, *extra],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job = launch()
+    name = NAME.replace("DDPM-4", "DDPM-30")
+    partial = tmp_path / "k" / name.replace(".nc", ".shard-1-of-2.partial.nc")
+    deadline = time.time() + 240
+    while not partial.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    pid = _rank_pid(job.pid, 1)
+    assert job.poll() is None and pid is not None, "the job ended before a rank could be killed: " + job.stdout.read()
+    os.kill(pid, signal.SIGKILL)
+    assert job.wait(120) != 0                                          # one rank dead: the job fails
+    saved = xr.load_dataset(partial, engine="h5netcdf")
+    real = (saved.config != "").values[None, :, :, None]
+    assert 0 < int((saved.done.values & real).sum()) and not (tmp_path / "k" / name).exists()
+    again = launch("--resume")
+    out = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, out
+    assert re.search(r"resumed [1-9]\d* of \d+ cells from .*shard-1-of-2.partial.nc", out), out
+    assert run_cli(cache_cli.main, _argv(tmp_path / "one") + ["--num-sampling-steps", "30"]) == 0
+    _same(cache_cli.load(tmp_path / "k" / name), cache_cli.load(tmp_path / "one" / name))
