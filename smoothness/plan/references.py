@@ -13,7 +13,9 @@
   default settings and the threshold tuned (``tuning.bisect_threshold``) to the least one whose run
   on the calibration chain reaches the budget, counted in MACs of the calls that run made. Their cost:
   MagCache's and TeaCache's calibration run (one uncached chain, shared by the two but counted for
-  each) plus every tuning chain of that budget's search. A method that cannot run on the model
+  each) plus every tuning chain of that budget's search (a chain another budget's search already ran
+  is looked up, not rerun, but counted again: the cost is what tuning for that budget alone takes).
+  A method that cannot run on the model
   (``CacheConfig.check``) or cannot reach the budget gives no candidate and says why.
 
 ``REFERENCES`` is the table the evaluation runs: name -> ``Reference``. A new method is one more

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .. import chain
-from ..cache.flops import run_cost
 from ..cache.calibrate import Calibration, calibrate
+from ..cache.flops import run_cost
 from ..cache.sweep import run_chain
 from ..diffusion import Diffusion, SamplerConfig
 
