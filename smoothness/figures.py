@@ -19,7 +19,8 @@ apply here and is refused; latent checkpoints are decoded by ``sample``, ``cache
     f  Jacobian spectral norms per unit and end to end
     g  Fig. 2 as drawn: Latte against Latte-skip, unconditional video, DDPM steps 10 and 250
     h  samples of the bundled video pair: frame strips and an animated GIF
-    i  planned cache schedules against the best uniform one and the measured-error oracle
+    i  planned cache schedules against the best uniform one, the measured-error oracle and the dynamic
+       caches (MagCache, TeaCache, dbcache, FirstBlockCache) tuned to the same budget
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ PAPER = {
     "f": "v4/v5 spectral-norm argument: largest Jacobian singular value per unit and end to end",
     "g": "Fig. 2 (v1) as drawn: Latte vs Latte-skip, unconditional video, DDPM steps 10 and 250",
     "h": "samples of the bundled video pair (Latte, Latte-skip): frame strips, and one GIF per model beside them",
-    "i": "beyond the paper: a cache schedule planned from smoothness alone against uniform schedules and the oracle",
+    "i": "beyond the paper: a cache schedule planned from smoothness alone against uniform schedules, the oracle "
+         "and the dynamic caches tuned to the same budget",
 }
 STEMS = {"a": "fig_a_surfaces", "b": "fig_b_cache_similarity", "c": "fig_c_quality_speedup",
          "d": "fig_d_feature_dynamics", "e": "fig_e_smoothness_vs_caching", "f": "fig_f_spectral_norms",

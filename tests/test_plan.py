@@ -205,15 +205,27 @@ def test_evaluate_runs_every_row_and_writes_table_and_figure(make_model, tmp_pat
     entries = [ModelEntry("plain", make_model("DiT-Mini/2", in_channels=1)),
                ModelEntry("skip", make_model("DiT-Mini/2-skip", seed=1, in_channels=1))]
     cfg = EvaluateConfig(budgets=(1.3,), seeds=(1, 2), classes=(0, 1),
-                         profile=ProfileConfig(sampler=SHORT, probes=2, calib_gaps=2), plan=PlanConfig(max_run=3))
+                         profile=ProfileConfig(sampler=SHORT, probes=2, calib_gaps=2), plan=PlanConfig(max_run=3),
+                         references=("oracle", "uniform", "magcache", "dbcache"))
     ds = evaluate(entries, cfg, log=None)
-    assert list(ds.planner.values) == ["planner", "planner-other", "oracle", "uniform"]
-    assert np.isfinite(ds.psnr).all() and (ds.theoretical_speedup >= 1.3).all()
-    assert (ds.k.sel(model="plain") == -1).all()                                 # FORA on the vanilla model
+    assert list(ds.planner.values) == ["planner", "planner-other", "oracle", "uniform", "magcache", "dbcache"]
+    static = ds.sel(planner=["planner", "planner-other", "oracle", "uniform"])
+    assert np.isfinite(static.psnr).all() and (static.theoretical_speedup >= 1.3).all()
+    assert (static.k.sel(model="plain") == -1).all()                             # FORA on the vanilla model
+    for m in ("plain", "skip"):                      # counted on the calls made = the schedule's MACs, CFG rows
+        r = ds.sel(model=m, planner="oracle", budget=1.3)
+        cache = CacheConfig(method="fora" if m == "plain" else "skip-cache", k=max(int(r.k), 1), mask=r.mask.item())
+        want = schedule_cost(entries[m == "skip"].model, cache, Diffusion.respaced(6).chain, batch=4)
+        assert float(r.theoretical_speedup[0]) == pytest.approx(want.attrs["theoretical_speedup"])
+    assert np.isfinite(ds.psnr.sel(planner="magcache")).all() and np.isfinite(ds.threshold.sel(planner="magcache")).all()
+    assert np.isnan(ds.psnr.sel(planner="dbcache")).all()                        # warm-up 8 > 6 steps: never caches
+    assert all("reaches at most 1.000x" in str(n) for n in ds.note.sel(planner="dbcache").values.ravel())
     oracle = ds.calibration_passes.sel(planner="oracle", model="skip").item()
     assert oracle == 6 + sum(1 + min(3, 6 - f) for f in range(1, 6))
     paths = write_evaluation(ds, tmp_path, "ev")
-    assert all(p.is_file() for p in paths) and "| skip | 1.3x | oracle |" in paths[1].read_text()
+    text = paths[1].read_text()
+    assert all(p.is_file() for p in paths) and "| skip | 1.3x | oracle |" in text
+    assert "| skip | 1.3x | dbcache | - | not run: dbcache reaches at most 1.000x" in text
 
 
 def test_cli_plans_and_exports_every_format(tmp_path, capsys):

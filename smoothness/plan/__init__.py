@@ -3,8 +3,9 @@
 Analysis layer (it reads the engines ``surface`` and ``cache``): the per-step, per-unit profile
 (``profile``), the planner (``planner``: a calibrated map from smoothness to predicted caching error,
 dynamic programming over steps under a MAC budget), the references on the same budget
-(``references``: best uniform schedule, the measured-error oracle, a table new methods join) and the
-evaluation (``evaluate``). ``cli`` and ``__main__`` are ``python -m smoothness.plan``.
+(``references``: best uniform schedule, the measured-error oracle, and the calibrated dynamic caches
+with their threshold tuned to the budget by ``tuning``; a table new methods join) and the evaluation
+(``evaluate``). ``cli`` and ``__main__`` are ``python -m smoothness.plan``.
 
     from smoothness.plan import ProfileConfig, profile, Calibration, plan
     prof = profile(load_entries(["digits-skip-dit"])[0], ProfileConfig())

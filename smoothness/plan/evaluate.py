@@ -8,12 +8,18 @@ realized speedup (wall time), plus what choosing the schedule cost (forward pass
 
 Rows (``planner`` dim): ``planner`` (calibration fitted on this model), ``planner-other`` (fitted on
 the other model of the pair, applied without refitting), then every entry of
-``references.REFERENCES``. A reference with several candidates keeps the best by mean PSNR.
+``references.REFERENCES``. A reference with several candidates keeps the best by mean PSNR. A row
+that cannot run (a budget above what the planner's method reaches on the model, a dynamic method that
+does not apply or cannot reach the budget) is left NaN with its reason in ``note``.
+
+The theoretical speedup of every run is counted on the calls that run made (``cache.flops.run_cost``):
+for a static schedule that is its schedule's; a dynamic method's decisions, tuned on the calibration
+chain, differ per sample, so on the evaluation seeds it can land slightly above or below the budget.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,7 +27,7 @@ import xarray as xr
 
 from .. import chain, metrics
 from ..analysis.stats import bootstrap_ci
-from ..cache.flops import schedule_cost
+from ..cache.flops import run_cost
 from ..cache.sweep import run_chain
 from ..data import classifier
 from ..diffusion import Diffusion, SamplerConfig
@@ -29,7 +35,7 @@ from ..models import ModelEntry
 from ..models.bundled import is_pixel_digits
 from .planner import Calibration, PlanConfig, check_budget, plan
 from .profile import ProfileConfig, check_profile, profile
-from .references import REFERENCES, Context
+from .references import REFERENCES, Candidates, Context
 
 SCORES = {  # variable: (long name, units)
     "psnr": ("PSNR against the uncached run, mean over samples", "dB"),
@@ -83,12 +89,11 @@ class _Runs:
         self.shape = (len(labels), *model.sample_shape())
         self.scorer = classifier.load() if is_pixel_digits(model) else None
         self.refs = {s: run_chain(model, self.diffusion, self.shape, self.y, cfg.sampler, s, None) for s in cfg.seeds}
-        self.rows = self.shape[0] * (2 if cfg.sampler.cfg_scale > 1 and self.y is not None else 1)
 
     def score(self, cache) -> tuple[np.ndarray, str]:
         """((seed, score) in SCORES order, the mask run on the first seed) for one CacheConfig. The
-        theoretical speedup is counted on the schedule each run actually took (a dynamic method's
-        decisions are only known after the run)."""
+        theoretical speedup is counted on the calls each run actually made (a dynamic method's
+        decisions are only known after the run); the mask has ``m`` where the rows decided differently."""
         out, mask = np.full((len(self.cfg.seeds), len(SCORES)), np.nan), ""
         for i, seed in enumerate(self.cfg.seeds):
             x, _, sec, state = run_chain(self.model, self.diffusion, self.shape, self.y, self.cfg.sampler, seed, cache)
@@ -99,11 +104,9 @@ class _Runs:
             out[i, 1] = metrics.ssim(x, x_ref, data_range=2.0, win_size=win).mean().item()
             if self.scorer is not None:
                 out[i, 2] = metrics.classifier_accuracy(x, self.y, self.scorer).item()
-            ran = replace(cache, mask=state.schedule)
-            out[i, 3] = float(schedule_cost(self.model, ran, self.diffusion.chain, batch=self.rows)
-                              .attrs["theoretical_speedup"])
+            out[i, 3] = float(run_cost(self.model, state).attrs["theoretical_speedup"])
             out[i, 4] = ref_sec / sec
-            mask = mask or state.schedule.mask
+            mask = mask or state.mask
         return out, mask
 
 
@@ -120,47 +123,61 @@ def evaluate(entries: list[ModelEntry], cfg: EvaluateConfig = EvaluateConfig(), 
     fits = {label: Calibration.fit(p) for label, p in profiles.items()}
     rows, budgets, seeds = cfg.rows, list(cfg.budgets), list(cfg.seeds)
     data = np.full((2, len(rows), len(budgets), len(seeds), len(SCORES)), np.nan)
-    passes = np.full((2, len(rows), len(budgets)), np.nan)
-    masks = np.full((2, len(rows), len(budgets)), "", dtype=object)
-    ks = np.full((2, len(rows), len(budgets)), -1)
+    cells = {v: np.full((2, len(rows), len(budgets)), fill, dtype=type_) for v, fill, type_ in
+             (("passes", np.nan, float), ("mask", "", object), ("k", -1, int), ("threshold", np.nan, float),
+              ("note", "", object))}
     for m, e in enumerate(entries):
         model, prof = e.model.eval(), profiles[e.label]
-        other = entries[1 - m].label
         runs = _Runs(model, cfg)
         ctx = Context(model, cfg.sampler, cfg.plan, seed=cfg.profile.seeds[0], class_label=cfg.profile.class_label)
-        a = prof.attrs
         for b, budget in enumerate(budgets):
             try:
                 check_budget(model, budget, cfg.plan.method_for(model), cfg.plan.ks_for(model), cfg.sampler.num_steps,
                              cfg.plan.max_run)
+                unreachable = ""
             except ValueError as err:                      # e.g. Skip-Cache on a 4-unit model: left NaN, said why
-                log(f"{e.label} {budget:g}x: skipped ({err})")
-                continue
+                unreachable = str(err)
+                log(f"{e.label} {budget:g}x: planner and its references skipped ({err})")
             for r, row in enumerate(rows):
-                if row.startswith("planner"):
-                    fit = fits[e.label if row == "planner" else other]
-                    configs = (plan(model, prof, budget, fit, cfg.plan).config,)
-                    passes[m, r, b] = a["cost_profile_passes"] + (a["cost_calibration_passes"] if row == "planner" else 0)
-                else:
-                    cands = REFERENCES[row].build(ctx, budget)
-                    configs, passes[m, r, b] = cands.configs, cands.calibration_passes
-                scored, ran = zip(*[runs.score(c) for c in configs])
+                at = (m, r, b)
+                if unreachable and (row.startswith("planner") or REFERENCES[row].planned):
+                    cells["note"][at] = unreachable
+                    continue
+                cands = _candidates(row, prof, fits[e.label if row != "planner-other" else entries[1 - m].label],
+                                    ctx, budget)
+                cells["passes"][at], cells["note"][at] = cands.calibration_passes, cands.note
+                if not cands.configs:                      # a method that does not apply or cannot reach it
+                    log(f"{e.label} {budget:g}x {row}: skipped ({cands.note})")
+                    continue
+                scored, ran = zip(*[runs.score(c) for c in cands.configs])
                 best = int(np.argmax([s[:, 0].mean() for s in scored]))
-                data[m, r, b], masks[m, r, b] = scored[best], ran[best]
-                ks[m, r, b] = -1 if configs[best].method == "fora" else configs[best].k
+                config = cands.configs[best]
+                data[at], cells["mask"][at] = scored[best], ran[best]
+                cells["k"][at] = config.k if "k" in config.kind.uses else -1
+                cells["threshold"][at] = config.get("threshold") if config.kind.dynamic else np.nan
                 log(f"{e.label} {budget:g}x {row}: PSNR {scored[best][:, 0].mean():.2f} dB at "
-                    f"{scored[best][0, 3]:.3f}x theoretical, {scored[best][:, 4].mean():.2f}x realized "
-                    f"({configs[best].name})")
-    return _dataset(entries, cfg, data, passes, masks, ks, fits, profiles)
+                    f"{scored[best][:, 3].mean():.3f}x theoretical, {scored[best][:, 4].mean():.2f}x realized "
+                    f"({config.name})")
+    return _dataset(entries, cfg, data, cells, fits, profiles)
 
 
-def _dataset(entries, cfg: EvaluateConfig, data, passes, masks, ks, fits, profiles) -> xr.Dataset:
+def _candidates(row: str, prof: xr.Dataset, fit: Calibration, ctx: Context, budget: float) -> Candidates:
+    """What one row runs at ``budget`` and what choosing it cost: the planner with ``fit`` (its own
+    calibration counted only when fitted on this model), or a reference's candidates."""
+    if not row.startswith("planner"):
+        return REFERENCES[row].build(ctx, budget)
+    a = prof.attrs
+    return Candidates((plan(ctx.model, prof, budget, fit, ctx.plan).config,),
+                      a["cost_profile_passes"] + (a["cost_calibration_passes"] if row == "planner" else 0), str(fit))
+
+
+def _dataset(entries, cfg: EvaluateConfig, data, cells, fits, profiles) -> xr.Dataset:
     dims = ("model", "planner", "budget", "seed")
     S = cfg.sampler.num_steps
     ds = xr.Dataset({v: (dims, data[..., i], {"long_name": ln, "units": u}) for i, (v, (ln, u)) in enumerate(SCORES.items())},
                     coords={"model": [e.label for e in entries], "planner": cfg.rows, "budget": list(cfg.budgets),
                             "seed": list(cfg.seeds)})
-    ds["calibration_passes"] = (dims[:3], passes, {"long_name": "forward passes spent choosing the schedule",
+    ds["calibration_passes"] = (dims[:3], cells["passes"], {"long_name": "forward passes spent choosing the schedule",
                                                    "units": "passes"})
     ds["calibration_chains"] = (ds.calibration_passes / S).assign_attrs(long_name="calibration cost in uncached "
                                                                         f"chains of {S} steps", units="chains")
@@ -169,8 +186,13 @@ def _dataset(entries, cfg: EvaluateConfig, data, passes, masks, ks, fits, profil
     ds["psnr_ci"] = (dims[:3] + ("bound",), ci, {"long_name": "PSNR mean over seeds and its 95 % percentile "
                                                  "bootstrap interval", "units": "dB"})
     ds = ds.assign_coords(bound=["mean", "low", "high"])
-    ds["mask"] = (dims[:3], masks.astype(str), {"long_name": "schedule run (F full, c cached)"})
-    ds["k"] = (dims[:3], ks, {"long_name": "units recomputed on each side (-1: FORA, no k)"})
+    ds["mask"] = (dims[:3], cells["mask"].astype(str), {"long_name": "schedule run on the first evaluation seed "
+                                                        "(F full, c cached, m rows decided differently)"})
+    ds["k"] = (dims[:3], cells["k"], {"long_name": "units recomputed on each side (-1: the method has no k)"})
+    ds["threshold"] = (dims[:3], cells["threshold"], {"long_name": "threshold of a dynamic method, tuned to the "
+                                                      "budget on the calibration chain (NaN: static)", "units": "1"})
+    ds["note"] = (dims[:3], cells["note"].astype(str), {"long_name": "how the schedule was chosen; for a row "
+                                                        "left NaN, why"})
     ds.attrs.update(title="planner evaluation", config=chain.config_json(cfg), seeds=json.dumps(list(cfg.seeds)),
                     calibration_seeds=json.dumps(list(cfg.profile.seeds)), data_range=2.0,
                     calibrations=json.dumps({k: str(v) for k, v in fits.items()}),
@@ -191,8 +213,8 @@ def interval(values: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
 
 
 def table(ds: xr.Dataset) -> str:
-    """A markdown table: one row per model, budget and planner."""
-    head = ("| model | budget | planner | k | theoretical x | realized x | PSNR dB [95 % CI] | SSIM | accuracy | "
+    """A markdown table: one row per model, budget and planner (k, or a dynamic method's threshold)."""
+    head = ("| model | budget | planner | k or τ | theoretical x | realized x | PSNR dB [95 % CI] | SSIM | accuracy | "
             "calibration (chains) |")
     lines = [head, "|" + "---|" * 10]
     for m in ds.model.values:
@@ -200,11 +222,13 @@ def table(ds: xr.Dataset) -> str:
             for p in ds.planner.values:
                 r = ds.sel(model=m, budget=b, planner=p)
                 if not np.isfinite(r.psnr).any():
-                    lines.append(f"| {m} | {b:g}x | {p} | - | unreachable | | | | | |")
+                    why = str(r.note.values) if "note" in r else ""
+                    lines.append(f"| {m} | {b:g}x | {p} | - | not run{f': {why}' if why else ''} | | | | | |")
                     continue
                 mean, lo, hi = (float(r.psnr_ci.sel(bound=v)) for v in ("mean", "low", "high"))
-                k = int(r.k)
-                lines.append(f"| {m} | {b:g}x | {p} | {k if k >= 0 else '-'} | {float(r.theoretical_speedup.mean()):.3f} | "
+                k, tau = int(r.k), float(r.threshold) if "threshold" in r else np.nan
+                setting = f"τ {tau:.3g}" if np.isfinite(tau) else k if k >= 0 else "-"
+                lines.append(f"| {m} | {b:g}x | {p} | {setting} | {float(r.theoretical_speedup.mean()):.3f} | "
                              f"{float(r.realized_speedup.mean()):.2f} | {mean:.2f} [{lo:.2f}, {hi:.2f}] | "
                              f"{float(r.ssim.mean()):.3f} | {float(r.accuracy.mean()):.2f} | "
                              f"{float(r.calibration_chains):.1f} |")

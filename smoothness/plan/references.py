@@ -9,24 +9,35 @@
   settings whose theoretical speedup reaches the budget; the ``preselect`` with the least measured
   error (the oracle's edges) are the candidates, and the evaluation keeps the best of them by PSNR on
   its seeds (generous to the reference: it is chosen on the test chains).
+* ``magcache``, ``teacache``, ``dbcache``, ``fbcache``: the calibrated dynamic caches with their own
+  default settings and the threshold tuned (``tuning.bisect_threshold``) to the least one whose run
+  on the calibration chain reaches the budget, counted in MACs of the calls that run made. Their cost:
+  MagCache's and TeaCache's calibration run (one uncached chain, shared by the two but counted for
+  each) plus every tuning chain of that budget's search (a chain another budget's search already ran
+  is looked up, not rerun, but counted again: the cost is what tuning for that budget alone takes).
+  A method that cannot run on the model
+  (``CacheConfig.check``) or cannot reach the budget gives no candidate and says why.
 
-``REFERENCES`` is the table the evaluation runs: name -> ``Reference``. A new method (MagCache,
-TeaCache, dbcache with their threshold tuned to the realized budget) is one more entry whose
-``build`` returns its candidate ``CacheConfig`` s and calibration cost.
+``REFERENCES`` is the table the evaluation runs: name -> ``Reference``. A new method is one more
+entry whose ``build`` returns its candidate ``CacheConfig`` s and calibration cost; ``planned``
+marks the references that cache with the planner's own method (the planner's budget check applies).
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 
 from ..cache import CacheConfig
+from ..cache.base import method_class
+from ..cache.calibrate import Calibration
 from ..cache.flops import schedule_cost
 from ..diffusion import Diffusion, SamplerConfig
 from .planner import PlanConfig, mask_cost, plan_with_costs
 from .profile import ChainRecord, measure_fill
+from .tuning import bisect_threshold, calibration_run, tuning_chain_speedup
 
 INTERVALS = (2, 3, 4, 5, 6, 7, 8)                           # N of the uniform sweep
 WINDOWS = ((-1, 1000), (20, 1000), (50, 900), (100, 800))   # (t_stop, t_start): cache while t_stop < t < t_start
@@ -43,6 +54,8 @@ class Context:
     class_label: int = 0
     measured: dict | None = None     # k -> cost[f, s] from measure_edges
     measured_passes: int = 0
+    calibrated: Calibration | None = None                 # MagCache / TeaCache calibration (filled lazily)
+    tuning: dict = field(default_factory=dict)            # (method, threshold) -> speedup on the tuning chain
 
     @property
     def method(self) -> str:
@@ -58,6 +71,19 @@ class Context:
                                                                 self.sampler, self.seed, self.class_label,
                                                                 self.plan.max_run, log)
         return self.measured
+
+    def calibration(self) -> Calibration:
+        """One uncached run of the calibration chain (S passes), fitted once per Context."""
+        if self.calibrated is None:
+            self.calibrated = calibration_run(self.model, self.sampler, self.seed, self.class_label)
+        return self.calibrated
+
+    def tuning_speedup(self, config: CacheConfig) -> float:
+        """``config``'s speedup (MACs) on the calibration chain; a repeated setting is looked up, not rerun."""
+        key = (config.method, config.threshold)
+        if key not in self.tuning:
+            self.tuning[key] = tuning_chain_speedup(self.model, self.sampler, self.seed, self.class_label, config)
+        return self.tuning[key]
 
 
 def measure_edges(model, method: str, ks, sampler: SamplerConfig, seed: int, class_label: int, max_run: int,
@@ -82,13 +108,15 @@ def measure_edges(model, method: str, ks, sampler: SamplerConfig, seed: int, cla
 class Candidates:
     configs: tuple[CacheConfig, ...]     # what the evaluation runs (it keeps the best by PSNR)
     calibration_passes: int              # forward passes spent choosing them
-    note: str = ""
+    note: str = ""                       # how they were chosen; without configs: why there are none
+    tuning: tuple[tuple[float, float], ...] = ()   # dynamic methods: (threshold, speedup) of every tuning chain
 
 
 @dataclass(frozen=True)
 class Reference:
     build: Callable[[Context, float], Candidates]
     description: str
+    planned: bool = True                 # caches with the planner's method (skip-cache / deep-reuse / fora)
 
 
 def oracle(ctx: Context, budget: float) -> Candidates:
@@ -110,7 +138,7 @@ def uniform_settings(ctx: Context, budget: float) -> list[tuple[float, CacheConf
 def uniform(ctx: Context, budget: float, preselect: int = 3) -> Candidates:
     settings = uniform_settings(ctx, budget)
     if not settings:
-        raise ValueError(f"no uniform schedule (N <= {max(INTERVALS)}) reaches {budget:g}x")
+        return Candidates((), 0, f"no uniform schedule (N <= {max(INTERVALS)}) reaches {budget:g}x")
     edges = ctx.edges()
 
     def measured(cfg):
@@ -121,7 +149,38 @@ def uniform(ctx: Context, budget: float, preselect: int = 3) -> Candidates:
     return Candidates(tuple(c for _, c in ranked), ctx.measured_passes, f"{len(settings)} settings reach the budget")
 
 
+def tuned(ctx: Context, method: str, budget: float) -> Candidates:
+    """``method`` with its threshold tuned to ``budget`` on the calibration chain (see the module doc)."""
+    S = ctx.sampler.num_steps
+    passes, cal = 0, None
+    if method_class(method).calibration:
+        cal, passes = ctx.calibration(), S
+    base = CacheConfig(method=method, calibration=cal)
+    try:
+        base.check(ctx.model)
+    except ValueError as err:
+        return Candidates((), passes, f"{method} does not apply to this model: {err}")
+    t = bisect_threshold(lambda tau: ctx.tuning_speedup(replace(base, threshold=tau)), budget, base.get("threshold"))
+    passes += S * len(t.runs)
+    if t.threshold is None:
+        top = max(tau for tau, _ in t.runs)
+        return Candidates((), passes, f"{method} reaches at most {t.speedup:.3f}x on the calibration chain "
+                          f"(thresholds up to {top:g}); budget {budget:g}x", t.runs)
+    return Candidates((replace(base, threshold=t.threshold),), passes,
+                      f"threshold {t.threshold:.4g}: {t.speedup:.3f}x on the calibration chain "
+                      f"({len(t.runs)} tuning chains)", t.runs)
+
+
+def _dynamic(method: str, what: str) -> Reference:
+    return Reference(lambda ctx, budget: tuned(ctx, method, budget), f"{what}, threshold tuned to the budget",
+                     planned=False)
+
+
 REFERENCES = {
     "oracle": Reference(oracle, "DP over steps with the measured caching error (the ceiling)"),
     "uniform": Reference(uniform, "best uniform-interval schedule (N, k, window) reaching the budget"),
+    "magcache": _dynamic("magcache", "MagCache (calibrated residual-magnitude ratios)"),
+    "teacache": _dynamic("teacache", "TeaCache (calibrated rescaled change of the modulated input)"),
+    "dbcache": _dynamic("dbcache", "cache-dit DBCache (Fn = Bn = 1, warm-up 8)"),
+    "fbcache": _dynamic("fbcache", "FirstBlockCache (first unit's residual change)"),
 }

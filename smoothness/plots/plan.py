@@ -6,7 +6,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 
-STYLE = {"planner": ("C0", "o"), "planner-other": ("C9", "v"), "oracle": ("C3", "*"), "uniform": ("C7", "s")}
+STYLE = {"planner": ("C0", "o"), "planner-other": ("C9", "v"), "oracle": ("C3", "*"), "uniform": ("C7", "s"),
+         "magcache": ("C1", "^"), "teacache": ("C2", "P"), "dbcache": ("C4", "X"), "fbcache": ("C5", "h")}
 
 
 def figure(ds: xr.Dataset):
