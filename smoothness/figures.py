@@ -1,6 +1,6 @@
 """Regenerate every paper figure into ``figures/`` from the bundled models, each with its data.
 
-    python -m smoothness.figures                       # all of them, default resolution (~22 min, 2 cores)
+    python -m smoothness.figures                       # all of them, default resolution (~17 min, 2 cores)
     python -m smoothness.figures --only a,e            # some of them
     python -m smoothness.figures --resolution paper    # finer grids, more seeds and settings (slow)
     torchrun --nproc-per-node 2 -m smoothness.figures  # figures dealt to ranks, longest first (also --shard i/n)
@@ -253,7 +253,7 @@ def main(argv=None):
     p.add_argument("--only", default=",".join(sorted(PAPER)),
                    help=f"figures to make, comma-separated letters (default: all, {','.join(sorted(PAPER))})")
     p.add_argument("--resolution", choices=sorted(RESOLUTIONS), default="default",
-                   help="default (~22 min on 2 cores) or paper (finer grids, more seeds; hours) (default: default)")
+                   help="default (~17 min on 2 cores) or paper (finer grids, more seeds; hours) (default: default)")
     p.add_argument("--out", type=path_arg, default=Path("figures"), help="output folder (default: figures/)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: 0)")
     add_vae_args(p)

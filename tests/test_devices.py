@@ -117,3 +117,19 @@ def test_compiled_blocks_give_the_same_outputs_and_cache(make_model):
     a, b = (sweep({"m": m}, cfg, log=lambda *x: None) for m in (plain, compiled))
     np.testing.assert_allclose(a.psnr.values, b.psnr.values, rtol=1e-3)
     np.testing.assert_array_equal(a["mask"].values, b["mask"].values)
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("smoothness.plan.cli", ["--model", "digits-skip-dit", "--budget", "2"]),
+    ("smoothness.plan.cli", ["profile", "--model", "digits-skip-dit"]),
+    ("smoothness.plan.cli", ["evaluate"]),
+    ("smoothness.data.sample", ["--model", "digits-skip-dit"]),
+    ("smoothness.analysis.cli", ["--model", "digits-skip-dit"]),
+])
+def test_every_model_command_refuses_a_bad_device_before_any_work(module, argv, tmp_path, capsys):
+    import importlib
+    main = importlib.import_module(module).main
+    assert run_cli(main, argv + ["--device", "cuda:9", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--device 'cuda:9' is not available here" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import torch
 import xarray as xr
 
+from .. import devices
 from ..cli import add_model_args, parse_int_list
 from ..diffusion import SAMPLERS, SamplerConfig
 from ..io_utils import atomic_path, check_writable
@@ -51,6 +52,7 @@ def _chain_args(p, cfg_scale: float | None = 3.0):
     p.add_argument("--calib-gaps", type=int, default=d.calib_gaps,
                    help=f"cached calls after each calibration fill (default: {d.calib_gaps})")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: results/)")
 
 
@@ -63,18 +65,28 @@ def _profile_config(args, conditional: bool) -> ProfileConfig:
                          calib_ks=tuple(parse_int_list(args.calib_ks, "--calib-ks")), calib_gaps=args.calib_gaps)
 
 
-def _threads(n: int):
+def _threads(n: int, device: str = "cpu"):
+    """Threads and device, checked before any model is loaded."""
     if n < 0:
         raise ValueError(f"--threads={n} is not allowed; use 0 or a positive integer")
+    devices.check(device)
     if n:
         torch.set_num_threads(n)
+
+
+def _placed(entries: list, device: str) -> list:
+    """The entries' models on ``device`` (TF32 on for CUDA, as everywhere)."""
+    devices.setup(device)
+    for e in entries:
+        e.model.to(device)
+    return entries
 
 
 def _one_model(args):
     names = (args.model or []) + (args.ckpt or [])
     if len(names) != 1:
         raise ValueError(f"give exactly one model (--model or --ckpt); got {len(names)}")
-    return load_entries(names, num_heads=args.num_heads)[0]
+    return _placed(load_entries(names, num_heads=args.num_heads), args.device)[0]
 
 
 def _save_profile(ds: xr.Dataset, out: Path, label: str) -> Path:
@@ -103,7 +115,7 @@ def main_plan(argv):
         if f is not None and not f.is_file():
             raise FileNotFoundError(f"profile {str(f)!r} does not exist")
     pcfg = PlanConfig(method=args.method, max_run=args.max_run)
-    _threads(args.threads)
+    _threads(args.threads, args.device)
     out = check_writable(args.out)
     entry = _one_model(args)
     model, prof_cfg = entry.model.eval(), _profile_config(args, bool(entry.model.config.num_classes))
@@ -132,7 +144,7 @@ def main_profile(argv):
     add_model_args(p)
     _chain_args(p, cfg_scale=None)
     args = p.parse_args(argv)
-    _threads(args.threads)
+    _threads(args.threads, args.device)
     out = check_writable(args.out)
     entry = _one_model(args)
     ds = profile(entry, _profile_config(args, bool(entry.model.config.num_classes)), log=print)
@@ -162,9 +174,9 @@ def main_evaluate(argv):
     cfg = EvaluateConfig(budgets=budgets, seeds=tuple(parse_int_list(args.eval_seeds, "--eval-seeds")),
                          per_class=args.per_class, profile=prof, plan=PlanConfig(max_run=args.max_run),
                          references=tuple(r.strip() for r in args.references.split(",") if r.strip()))
-    _threads(args.threads)
+    _threads(args.threads, args.device)
     out = check_writable(args.out)
-    ds = evaluate(load_entries(list(PAIRS[args.pair])), cfg)
+    ds = evaluate(_placed(load_entries(list(PAIRS[args.pair])), args.device), cfg)
     write_evaluation(ds, out, f"plan_evaluation_{args.pair}")
 
 

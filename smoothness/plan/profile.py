@@ -135,8 +135,8 @@ class ChainRecord:
         with torch.inference_mode(), hooks.inject(model, {s: track for s in site_unit}):
             for rec in chain.reference_chain(model, diffusion, sampler, seed, class_label):
                 self.x[rec.step], self.out[rec.step] = rec.x_t, rec.model_output
-                self.t[rec.step] = torch.full((1,), rec.timestep, dtype=torch.long)
-        self.y = chain.labels(model, class_label, 1)
+                self.t[rec.step] = torch.full((1,), rec.timestep, dtype=torch.long, device=rec.x_t.device)
+        self.y = chain.labels(model, class_label, 1, next(model.parameters()).device)
 
 
 def measure_fill(model, method: str, k: int, diffusion: Diffusion, sampler: SamplerConfig, rec: ChainRecord,
@@ -164,7 +164,7 @@ def _probe(model, sampler: SamplerConfig, rec: ChainRecord, step: int, cfg: Prof
                                                 directions=DirectionSpec(seed=cfg.direction_seed)))
         with torch.inference_mode():
             got = engine.forward(rec.x[step], rec.t[step], rec.y, coef, sampler.cfg_scale, sampler.cfg_channels)
-        out[u] = rel_l2(got[:, 0, :c], rec.out[step][0, :c]).numpy()        # (G,)
+        out[u] = rel_l2(got[:, 0, :c], rec.out[step][0, :c]).cpu().numpy()  # (G,)
     return out
 
 
