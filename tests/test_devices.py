@@ -90,6 +90,7 @@ CACHE = ["--model", "digits-skip-dit", "--methods", "skip-cache", "--intervals",
                                               "--batch-size"),
     (surface_cli.main, ["--max-memory", "4", "--batch-size", "8"], "--max-memory sizes --batch-size; give one"),
     (surface_cli.main, ["--device", "tpu"], "--device 'tpu' is not allowed"),
+    (surface_cli.main, ["--compile"], "--compile is not allowed with --mode weights"),
 ])
 def test_device_flags_bad_input_is_one_line_exit_2(cmd, argv, words, tmp_path, capsys):
     base = CACHE if cmd is cache_cli.main else ["--model", "digits-skip-dit", "--num-steps", "3", "--steps", "3"]
@@ -104,6 +105,18 @@ def test_cache_cli_records_device_and_precision(tmp_path):
     ds = xr.load_dataset(next(tmp_path.glob("*.nc")), engine="h5netcdf")
     assert ds.attrs["device"] == "cpu" and ds.attrs["dtype"] == "bfloat16" and ds.attrs["compiled"] == 0
     assert "tf32" in ds.attrs and "device_name" in ds.attrs
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_surface_in_features_mode(tmp_path):
+    """surface --compile (features mode): the same surface as without, within float32 rounding."""
+    argv = ["--model", "digits-skip-dit", "--num-steps", "10", "--steps", "10", "--grid=-0.2:0.2:5", "--mode",
+            "features", "--site", "blocks.5", "--out", str(tmp_path)]
+    assert run_cli(surface_cli.main, argv + ["--name", "plain"]) == 0
+    assert run_cli(surface_cli.main, argv + ["--name", "compiled", "--compile"]) == 0
+    a, b = (xr.load_dataset(tmp_path / f"{n}.nc", engine="h5netcdf") for n in ("plain", "compiled"))
+    np.testing.assert_allclose(a.surface.values, b.surface.values, atol=1e-6)
+    assert b.attrs["compiled"] == 1 and a.attrs["compiled"] == 0
 
 
 @pytest.mark.slow

@@ -166,6 +166,10 @@ def _validate(entries, cfg: SurfaceConfig):
 
 
 def _check_memory_flags(args, device: str, shard):
+    if args.compile and args.mode == "weights":
+        raise ValueError("--compile is not allowed with --mode weights: the engine's per-point weights make every "
+                         "compiled block recompile (torch falls back to eager after 8); use it with --mode features "
+                         "or latent")
     if args.max_memory is not None:
         if args.batch_size is not None:
             raise ValueError("--max-memory sizes --batch-size; give one or the other")
