@@ -216,6 +216,8 @@ def test_given_surfaces_must_match(result, make_model):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(method="nope"), "unknown method 'nope'; allowed: auto, skip-cache"),
+    (dict(method="magcache"), r"unknown method 'magcache' \(it decides at run time; the caching errors cache "
+                              r"chosen steps, so static methods only\); allowed: auto, skip-cache"),
     (dict(lag=3), "step 3 has no step 0 to fill the cache from"),
     (dict(window=-1), "window=-1 is not allowed"),
     (dict(confidence=1.5), "confidence=1.5 is not allowed"),

@@ -25,17 +25,27 @@ import torch
 import xarray as xr
 
 from .. import chain
-from ..cache import METHODS, CacheConfig, Schedule, apply_cache
+from ..cache import METHODS, REGISTRY, CacheConfig, Schedule, apply_cache
 from ..diffusion import Diffusion, SamplerConfig
 from ..models import Captions
 
-METHODS_OR_AUTO = ("auto",) + tuple(m for m in METHODS if m != "none")
+METHODS_OR_AUTO = ("auto",) + tuple(m for m in METHODS if m != "none" and not REGISTRY[m].dynamic)
+#  static methods only: the errors cache chosen steps (a fixed mask), which a run-time rule cannot follow
 
 ERRORS = {  # name: (long name, units, larger is worse)
     "cosine_distance": ("1 - cosine similarity of cached and uncached outputs at the step", "1", True),
     "rel_l2": ("relative L2 distance of cached and uncached outputs at the step", "1", True),
     "psnr": ("PSNR of the final sample, caching around the step, against the uncached one", "dB", False),
 }
+
+
+def check_method(method: str) -> str:
+    """``auto`` or a static method (one line naming the bad value otherwise)."""
+    if method not in METHODS_OR_AUTO:
+        why = (" (it decides at run time; the caching errors cache chosen steps, so static methods only)"
+               if method in REGISTRY else "")
+        raise ValueError(f"unknown method {method!r}{why}; allowed: {', '.join(METHODS_OR_AUTO)}")
+    return method
 
 
 @dataclass(frozen=True)
@@ -56,8 +66,7 @@ class CachingErrorConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "caption_embeds", Captions.of(self.caption_embeds))
-        if self.method not in METHODS_OR_AUTO:
-            raise ValueError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS_OR_AUTO)}")
+        check_method(self.method)
         for name, low in (("k", 1), ("lag", 1), ("window", 0)):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= low):

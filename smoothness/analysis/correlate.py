@@ -37,7 +37,7 @@ from ..surface import SurfaceConfig
 from ..surface.dataset import compute as compute_surface
 from ..surface.perturb import Axis
 from ..surface.scores import smoothness_scores
-from .caching_error import ERRORS, METHODS_OR_AUTO, CachingErrorConfig, caching_errors
+from .caching_error import ERRORS, CachingErrorConfig, caching_errors, check_method
 from .stats import bootstrap_ci, pearson, spearman
 
 __all__ = ["CachingErrorConfig", "CorrelateConfig", "ERRORS", "SCORES", "bootstrap_ci", "caching_errors", "compute",
@@ -69,8 +69,7 @@ class CorrelateConfig:
     bootstrap_seed: int = 0        # seed of the bootstrap draws
 
     def __post_init__(self):
-        if self.method not in METHODS_OR_AUTO:
-            raise ValueError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS_OR_AUTO)}")
+        check_method(self.method)
         if not (isinstance(self.n_resamples, int) and self.n_resamples >= 1):
             raise ValueError(f"n_resamples={self.n_resamples!r} is not allowed; use an integer >= 1")
         if not 0 < self.confidence < 1:
