@@ -50,7 +50,7 @@ def add_args(parser, dtype_help: str = "bfloat16 runs the model under autocast",
 def setup(device: str, tf32: bool = True) -> dict:
     """Set the run's precision switches; returns them as result attributes."""
     device = check(device)
-    attrs = {"device": device, "device_name": platform.processor() or platform.machine(), "tf32": 0,
+    attrs = {"device": device, "device_name": _cpu_name(), "tf32": 0,
              "deterministic_algorithms": 0}
     if device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")     # deterministic cuBLAS workspaces
@@ -60,6 +60,17 @@ def setup(device: str, tf32: bool = True) -> dict:
         attrs.update(device_name=torch.cuda.get_device_name(torch.device(device)), tf32=int(tf32),
                      deterministic_algorithms=1, cuda=str(torch.version.cuda))
     return attrs
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def autocast(device: str, dtype: str):
