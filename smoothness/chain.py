@@ -17,7 +17,7 @@ import torch
 
 from .diffusion import Diffusion, SamplerConfig, Step
 from .io_utils import versions
-from .models import Captions, ModelEntry, Vae, as_entries, caption_attrs
+from .models import Captions, Lpips, ModelEntry, Vae, as_entries, caption_attrs
 from .models.protocol import family_of
 
 __all__ = ["Captions", "ModelEntry", "as_entries", "at_steps", "caption_attrs", "check_captions_for", "check_seeds",
@@ -161,7 +161,7 @@ def at_steps(records: Iterable[Step], steps) -> Iterator[Step]:
 
 
 CAPTION_FIELDS = ("caption_embeds", "captions")
-OPTIONAL_FIELDS = ("vae",)       # left out while None: configs without them keep their JSON (and fingerprints)
+OPTIONAL_FIELDS = ("vae", "lpips")       # left out while None: configs without them keep their JSON (and fingerprints)
 
 
 def _plain(value, name: str = ""):
@@ -169,6 +169,8 @@ def _plain(value, name: str = ""):
         return value.source
     if isinstance(value, Vae):                       # by content: the same weights elsewhere are the same VAE
         return {k: v for k, v in value.attrs().items() if k != "vae_path"}
+    if isinstance(value, Lpips):                     # by content too
+        return {k: v for k, v in value.attrs().items() if k != "lpips_path"}
     if value is None and name in CAPTION_FIELDS:
         return ""                                    # no captions: the empty file name
     if hasattr(value, "spelling"):                   # a grid axis: its "min:max:count"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .devices import check as check_device  # noqa: F401  (the commands' name for it)
 from .diffusion import OFFICIAL, SPACINGS, SamplerConfig, official_sampling
-from .models import Vae, bundled
+from .models import Lpips, Vae, bundled
+from .models.lpips import check_file as check_lpips_file
 from .models.vae import DEFAULT_CHUNK, check_folder, check_latent
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
@@ -196,10 +197,6 @@ def model_names(args) -> list[str]:
     return list(args.model or []) + [str(c) for c in args.ckpt or []] or list(bundled.DEFAULT_PAIR)
 
 
-LPIPS_SKIPPED = ("LPIPS skipped: it needs an AlexNet / VGG backbone, which this project does not ship or depend on "
-                 "(torchvision is not a dependency); PSNR and SSIM on decoded pixels are reported")
-
-
 def add_vae_args(parser, lpips: bool = False):
     """--vae, --vae-scale, --vae-chunk (and --lpips on commands that score fidelity): decode latent
     checkpoints' samples with a local diffusers AutoencoderKL (``models.vae``)."""
@@ -214,14 +211,18 @@ def add_vae_args(parser, lpips: bool = False):
                         help=f"frames (or images) per VAE decoder call: bounds memory (default: {DEFAULT_CHUNK})")
     if lpips:
         parser.add_argument("--lpips", type=path_arg, default=None, metavar="FILE",
-                            help="LPIPS weights file; LPIPS is not computed (it needs a torchvision backbone): "
-                                 "a line says so (default: none)")
+                            help="with --vae: an LPIPS (AlexNet, v0.1) weights file, the full state dict of "
+                                 "lpips.LPIPS(net='alex') (see models.lpips); adds the variable lpips, on decoded "
+                                 "pixels against the uncached run (default: none)")
 
 
 def check_vae_args(args):
     """The VAE flags on their own, before any model is loaded (the folder's files, not its weights)."""
     if getattr(args, "lpips", None) is not None:
-        print(LPIPS_SKIPPED)
+        if args.vae is None:
+            raise ValueError(f"--lpips {args.lpips} given without --vae; LPIPS compares RGB images, which only a VAE's "
+                             "decoded pixels are; allowed: add --vae FOLDER, or leave out --lpips")
+        check_lpips_file(args.lpips)
     if args.vae is None:
         for flag, value in (("--vae-scale", args.vae_scale), ("--vae-chunk", args.vae_chunk)):
             if value is not None:
@@ -245,3 +246,16 @@ def load_vae(args, models: dict, device: str = "cpu") -> Vae | None:
     for label, model in models.items():
         vae.check_model(model, label)
     return vae
+
+
+def load_lpips(args, models: dict, vae: Vae | None, device: str = "cpu") -> Lpips | None:
+    """The LPIPS of ``--lpips`` (None without it) on ``device``, after checking that every model's
+    decoded samples ({label: model}) are large enough for its AlexNet trunk."""
+    if getattr(args, "lpips", None) is None:
+        return None
+    if vae is None:                                                    # check_vae_args refuses this first
+        raise ValueError(f"--lpips {args.lpips} given without --vae; allowed: add --vae FOLDER")
+    for label, model in models.items():
+        h, w = (s * vae.upscale for s in model.sample_shape()[-2:])
+        Lpips.check_size(h, w, f"{label}'s decoded samples")
+    return Lpips.load(args.lpips, device=device)

@@ -177,10 +177,8 @@ def test_done_when_the_cache_command_sweeps_a_skip_dit_checkpoint_with_its_vae(v
     on the small stand-ins, with a short chain for speed."""
     argv = ["--ckpt", str(latent_ckpt), "--vae", str(vae_dir), "--preset", "dit-c2i",
             "--num-sampling-steps", "6", "--methods", "skip-cache,fora", "--intervals", "2", "--classes", "0,1",
-            "--per-class", "1", "--out", str(tmp_path), "--name", "s", "--lpips", str(vae_dir / "config.json")]
+            "--per-class", "1", "--out", str(tmp_path), "--name", "s"]
     assert run_cli(cache_cli.main, argv) == 0
-    printed = capsys.readouterr().out
-    assert printed.count("LPIPS skipped:") == 1
     ds = xr.load_dataset(tmp_path / "s.nc", engine="h5netcdf")
     assert ds.attrs["preset"] == "dit-c2i" and int(ds.setting_k.sel({"method": "skip-cache", "setting": 0})) == 4
     assert ds.attrs["vae_sha256"] == sha256(vae_dir / "diffusion_pytorch_model.safetensors")
@@ -190,7 +188,7 @@ def test_done_when_the_cache_command_sweeps_a_skip_dit_checkpoint_with_its_vae(v
     assert (tmp_path / "s.png").is_file()
     # resumable: the same command again is the same configuration (same fingerprint), a VAE-less one is not
     assert run_cli(cache_cli.main, argv) == 0
-    no_vae = [a for a in argv if a not in ("--vae", str(vae_dir), "--lpips", str(vae_dir / "config.json"))]
+    no_vae = [a for a in argv if a not in ("--vae", str(vae_dir))]
     assert run_cli(cache_cli.main, no_vae) == 2
     assert "different configuration" in capsys.readouterr().err
 

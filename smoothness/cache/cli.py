@@ -5,6 +5,7 @@
     python -m smoothness.cache --methods dbcache,magcache,skip-cache+taylor1 --resume
     python -m smoothness.cache --ckpt DiT-XL-2-skip.pt --num-sampling-steps 250 --cfg-scale 1.5
     python -m smoothness.cache --ckpt DiT-XL-2-skip.pt --vae path/to/sd-vae-ft-ema --preset dit-c2i   # pixel PSNR
+    python -m smoothness.cache --ckpt DiT-XL-2-skip.pt --vae path/to/sd-vae-ft-ema --lpips lpips_alex.pth   # + LPIPS
     python -m smoothness.cache calibrate --model digits-skip-dit --out calibration.json
 
 For every model and seed the uncached chain is the reference; every method and setting (static
@@ -34,7 +35,7 @@ from .. import chain, devices, ranks
 from ..chain import config_json
 from ..cli import (add_model_args, add_sampler_args, check_name, check_out_folder, check_positive, check_sampler_flags,
                    model_names, official_sampler, parse_int_list, parser, path_arg, sampler_flags)
-from ..cli import add_vae_args, check_vae_args, load_vae
+from ..cli import add_vae_args, check_vae_args, load_lpips, load_vae
 from ..diffusion import SAMPLERS, Diffusion, SamplerConfig
 from ..io_utils import (atomic_path, check_writable, fingerprint, guard_results, remove_stale_temporaries,
                         run_name)
@@ -225,13 +226,14 @@ def main(argv=None):
     captions = Captions.of(args.caption_embeds)
     models = _load_models(names, args, captions, ks)
     vae = load_vae(args, models, device)
+    lpips = load_lpips(args, models, vae, device)
     sampler = _sampler(args, models, captions)
     check_sampler_flags(given, sampler.cfg_scale)
     sampler = official_sampler(sampler, models.values(), given)
     cfg = SweepConfig(sampler=sampler, methods=methods, intervals=intervals, ks=ks,
                       windows=windows, seeds=seeds, classes=classes, per_class=args.per_class,
                       stop_inclusive=stop_inclusive, captions=captions, thresholds=thresholds, vae=vae,
-                      dtype=args.dtype)
+                      lpips=lpips, dtype=args.dtype)
     if args.calibration is not None:
         cfg = replace(cfg, calibration=_checked_calibration(args.calibration, models, cfg))
     _run(args, names, _placed(models, args, device), cfg, out)

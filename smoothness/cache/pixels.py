@@ -5,7 +5,8 @@ samples as the chain leaves them: [-1, 1] pixels for the bundled models, latents
 checkpoints, scored with ``data_range`` 2. With a VAE (``models.Vae``) both runs are decoded to RGB
 in [0, 1] first and those names hold the pixel-space scores (``data_range`` 1), as the paper reports
 them; the latent-space scores stay available as ``latent_psnr``, ``latent_ssim``, ``latent_mse``
-and ``latent_temporal_change_ratio``. The reference run is decoded once per (model, seed).
+and ``latent_temporal_change_ratio``. The reference run is decoded once per (model, seed). With an
+LPIPS as well (``models.Lpips``, ``--lpips``), ``lpips`` holds its distance between the decoded runs.
 """
 from __future__ import annotations
 
@@ -29,11 +30,14 @@ PIXEL_NAMES = {  # variable: (long name, units) with a VAE: the sweep's own name
     "temporal_change_ratio": ("videos: frame-to-frame change of the cached run's decoded pixels / of the "
                               "uncached run's, mean over samples", "1"),
 }
+LPIPS = ("LPIPS (AlexNet, v0.1) of the decoded RGB pixels against the uncached run, mean over samples "
+         "(videos: over frames first); lower is closer", "1")
 
 
-def extra(vae) -> tuple[str, ...]:
-    """The variables a sweep adds to its own: the latent-space scores with a VAE, none without."""
-    return tuple(LATENT) if vae is not None else ()
+def extra(vae, lpips=None) -> tuple[str, ...]:
+    """The variables a sweep adds to its own: the latent-space scores with a VAE (and ``lpips`` with
+    an LPIPS), none without."""
+    return (*(LATENT if vae is not None else ()), *(("lpips",) if lpips is not None else ()))
 
 
 def scores(x, x_ref, data_range: float) -> dict[str, float]:
@@ -49,19 +53,26 @@ def scores(x, x_ref, data_range: float) -> dict[str, float]:
     return out
 
 
-def fidelity(data: dict, at, x, x_ref, vae=None):
+def fidelity(data: dict, at, x, x_ref, vae=None, lpips=None):
     """Fill cell ``at`` of the sweep's arrays ``data`` ({variable: array}) from the final samples of a
-    cached run ``x`` and of the uncached run ``x_ref``; with ``vae``, on decoded pixels."""
+    cached run ``x`` and of the uncached run ``x_ref``; with ``vae``, on decoded pixels (and their
+    LPIPS with ``lpips``)."""
     if vae is not None:
         for k, v in scores(x, x_ref, SAMPLE_RANGE).items():
             data[f"latent_{k}"][at] = v
         x, x_ref = vae.decode(x), vae.decode(x_ref, reuse=True)        # (N, 3, [F,] H', W') in [0, 1]
+        if lpips is not None:
+            data["lpips"][at] = lpips(x, x_ref).mean().item()
     for k, v in scores(x, x_ref, PIXEL_RANGE if vae is not None else SAMPLE_RANGE).items():
         data[k][at] = v
 
 
-def describe(ds: xr.Dataset, data: dict, dims, vae=None):
-    """With a VAE: the latent-space variables, the pixel-space long names and the VAE's attributes."""
+def describe(ds: xr.Dataset, data: dict, dims, vae=None, lpips=None):
+    """With a VAE: the latent-space variables, the pixel-space long names and the VAE's attributes
+    (with an LPIPS: its variable and attributes)."""
+    if lpips is not None:
+        ds["lpips"] = (dims, data["lpips"], {"long_name": LPIPS[0], "units": LPIPS[1]})
+        ds.attrs.update(**lpips.attrs())
     if vae is None:
         return
     for v, (long_name, units) in LATENT.items():

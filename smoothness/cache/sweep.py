@@ -96,6 +96,7 @@ class SweepConfig:
     thresholds: tuple[float, ...] = ()                # dynamic methods' thresholds; empty: each method's own grid
     calibration: object = None                        # a Calibration for one model; None: one run per (model, seed)
     vae: object = None                                # a models.Vae: fidelity on decoded pixels (cache.pixels); None: as sampled
+    lpips: object = None                              # a models.Lpips (needs vae): adds lpips on decoded pixels; None: not
     dtype: str = "float32"                            # float32, or bfloat16: every chain under bf16 autocast
 
     def __post_init__(self):
@@ -106,6 +107,8 @@ class SweepConfig:
                 raise ValueError(f"{name} is empty; give at least one")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods {self.methods} name a method twice")
+        if self.lpips is not None and self.vae is None:
+            raise ValueError("lpips given without vae; LPIPS compares decoded RGB pixels: give a VAE too")
         if self.dtype not in devices.DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not allowed; use one of {', '.join(devices.DTYPES)}")
         if not (isinstance(self.per_class, int) and self.per_class >= 1):
@@ -150,7 +153,8 @@ class SweepConfig:
         return json.dumps({"sampler": dataclasses.asdict(self.sampler), "classes": self.classes,
                            "per_class": self.per_class, "seeds": self.seeds,
                            "configs": {m: [c.name for c in self.settings(m)] for m in self.methods},
-                           **({"vae": chain.config_json(self.vae)} if self.vae is not None else {})})
+                           **({"vae": chain.config_json(self.vae)} if self.vae is not None else {}),
+                           **({"lpips": chain.config_json(self.lpips)} if self.lpips is not None else {})})
 
 
 def run_chain(model, diffusion, shape, y, sampler, seed, config: CacheConfig | None, dtype: str = "float32"):
@@ -191,7 +195,7 @@ class _Results:
         self.coords = {"model": list(models), "method": list(cfg.methods), "setting": list(range(cfg.num_settings)),
                        "seed": list(cfg.seeds)}
         size = [len(self.coords[d]) for d in DIMS]
-        self.data = {v: np.full(size, np.nan) for v in (*SCORES, *pixels.extra(cfg.vae))}
+        self.data = {v: np.full(size, np.nan) for v in (*SCORES, *pixels.extra(cfg.vae, cfg.lpips))}
         self.cos = np.full(size + [cfg.sampler.num_steps], np.nan)
         self.ref = {v: np.full((len(models), len(cfg.seeds)), np.nan) for v in ("accuracy", "frechet", "seconds")}
         self.masks = np.full(size, "", dtype=object)
@@ -228,7 +232,7 @@ class _Results:
                         **self.process, **{f"calibration_{k}": v for k, v in self.calibrations.items()},
                         **{f"version_{k}": str(v) for k, v in versions().items()})
         ds.attrs.update(chain.sampler_attrs(sampler))               # the chain's spacing and guided channels too
-        pixels.describe(ds, self.data, DIMS, cfg.vae)
+        pixels.describe(ds, self.data, DIMS, cfg.vae, cfg.lpips)
         if self.shard[1] > 1:
             ds.attrs["shard"] = f"{self.shard[0]}/{self.shard[1]}"   # which cells this file may hold
         return ds
@@ -368,7 +372,7 @@ def _score(res: _Results, at, run, ref, y, scorer, cost: xr.Dataset, frechet: bo
     """Fill cell ``at`` from a cached run against the reference run (both ``run_chain`` results)."""
     (x, out, sec, state), (x_ref, ref_out, ref_sec, _) = run, ref
     data = res.data
-    pixels.fidelity(data, at, x, x_ref, res.cfg.vae)                  # PSNR, SSIM, MSE (decoded with a VAE)
+    pixels.fidelity(data, at, x, x_ref, res.cfg.vae, res.cfg.lpips)   # PSNR, SSIM, MSE (decoded with a VAE), LPIPS
     res.cos[at] = torch.nn.functional.cosine_similarity(out.flatten(2).double(), ref_out.flatten(2).double(),
                                                         dim=2).mean(1).numpy()
     if scorer is not None:

@@ -128,6 +128,11 @@ class Vae:
     def latent_channels(self) -> int:
         return int(self.model.config.latent_channels)
 
+    @property
+    def upscale(self) -> int:
+        """Pixels per latent along a side: the diffusers pipelines' ``vae_scale_factor``."""
+        return 2 ** (len(self.model.config.block_out_channels) - 1)
+
     def attrs(self) -> dict:
         """What a result records about the decoding (netCDF-safe)."""
         return {"vae_path": self.path, "vae_sha256": self.sha256, "vae_scaling_factor": self.scaling_factor,
