@@ -63,6 +63,18 @@ def run_name(prefix: str, labels, *tags: str) -> str:
     return "_".join([prefix, *[str(v) for v in labels], *[t for t in tags if t]])
 
 
+def read_netcdf(path: str | Path, what: str = "file") -> xarray.Dataset:
+    """A netCDF result read whole; one line when it is missing or unreadable (``what`` names it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        with xarray.open_dataset(path, engine="h5netcdf") as f:
+            return f.load()
+    except Exception as e:
+        raise ValueError(f"{str(path)!r} is not a readable netCDF file: {e}") from None
+
+
 def stored_fingerprint(path: Path) -> str | None:
     """The fingerprint a result file was written with (netCDF attribute or PNG text), or None."""
     try:

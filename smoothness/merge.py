@@ -14,10 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import xarray as xr
-
 from .cli import run_cli
-from .io_utils import check_writable
+from .io_utils import check_writable, read_netcdf
 from .cache import cli as cache_cli
 from .cache import shards
 from .surface import io
@@ -34,12 +32,14 @@ def main(argv=None):
     if args.out.suffix != ".nc":
         raise ValueError(f"--out {str(args.out)!r} is not allowed; give the result's path ending in .nc")
     check_writable(args.out.parent)
-    parts = [_load(f) for f in args.files]
+    parts = [read_netcdf(f, "shard file") for f in args.files]
     if shards.is_sweep(parts[0]):
         ds = shards.merge(parts, [str(f) for f in args.files])
-        paths = cache_cli.write(ds, args.out.parent, args.out.stem) if args.figures else [args.out]
-        if not args.figures:
+        if args.figures:
+            paths = cache_cli.write(ds, args.out.parent, args.out.stem)
+        else:
             cache_cli.save(ds, args.out)
+            paths = [args.out]
     else:
         ds = io.merge([io.check_schema(p, str(f)) for p, f in zip(parts, args.files)], [str(f) for f in args.files])
         io.save(ds, args.out)
@@ -47,15 +47,6 @@ def main(argv=None):
     print(f"merged {len(args.files)} shards: " + ", ".join(str(q) for q in paths))
 
 
-def _load(path: Path):
-    """A result file, read whole (surface or sweep); one line when it is missing or unreadable."""
-    if not path.is_file():
-        raise FileNotFoundError(f"shard file {str(path)!r} does not exist")
-    try:
-        with xr.open_dataset(path, engine="h5netcdf") as f:
-            return f.load()
-    except Exception as e:
-        raise ValueError(f"{str(path)!r} is not a readable netCDF file: {e}") from None
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -17,6 +17,7 @@ from smoothness.cache import shards
 from smoothness.cache.sweep import SweepConfig, cells, sweep
 from smoothness.cli import run_cli
 from smoothness.diffusion import SamplerConfig
+from smoothness.io_utils import read_netcdf
 from smoothness.ranks import block
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -122,7 +123,7 @@ def test_cli_shards_and_merge_command_equal_one_sweep(tmp_path, capsys):
     assert len(files) == 3 and not list((tmp_path / "sh").glob("*.partial.nc"))
     assert run_cli(merge_cmd.main, [str(f) for f in files] + ["--out", str(tmp_path / "m.nc"), "--figures"]) == 0
     assert (tmp_path / "m.png").is_file() and (tmp_path / "m.html").is_file()
-    _same(cache_cli.load(tmp_path / "m.nc"), cache_cli.load(tmp_path / "one" / NAME))
+    _same(read_netcdf(tmp_path / "m.nc"), read_netcdf(tmp_path / "one" / NAME))
     assert run_cli(merge_cmd.main, [str(f) for f in files[:2]] + ["--out", str(tmp_path / "m2.nc")]) == 2
     assert "missing [2]" in capsys.readouterr().err
     assert run_cli(merge_cmd.main, [str(files[0]), str(tmp_path / "one" / NAME), "--out", str(tmp_path / "m3.nc")]) == 2
@@ -144,7 +145,7 @@ def test_torchrun_two_ranks_sweep_equals_one_rank(tmp_path):
                           *_argv(tmp_path / "tr")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run_cli(cache_cli.main, _argv(tmp_path / "one")) == 0
-    _same(cache_cli.load(tmp_path / "tr" / NAME), cache_cli.load(tmp_path / "one" / NAME))
+    _same(read_netcdf(tmp_path / "tr" / NAME), read_netcdf(tmp_path / "one" / NAME))
     assert not list((tmp_path / "tr").glob("*.shard-*"))               # rank 0 merged and tidied up
     assert (tmp_path / "tr" / NAME.replace(".nc", ".png")).is_file()
 
@@ -194,4 +195,4 @@ def test_a_killed_rank_resumes_under_torchrun_to_the_same_sweep(tmp_path):
     assert again.returncode == 0, out
     assert re.search(r"resumed [1-9]\d* of \d+ cells from .*shard-1-of-2.partial.nc", out), out
     assert run_cli(cache_cli.main, _argv(tmp_path / "one") + ["--num-sampling-steps", "30"]) == 0
-    _same(cache_cli.load(tmp_path / "k" / name), cache_cli.load(tmp_path / "one" / name))
+    _same(read_netcdf(tmp_path / "k" / name), read_netcdf(tmp_path / "one" / name))

@@ -154,7 +154,7 @@ def _load_part(path: Path, fp: str):
 def _run(names, num_heads, cfg: CorrelateConfig, args, out: Path, name: str, fp: str, mine):
     """Compute the models ``mine`` (indices into ``names``) whose part files are missing, in ``--jobs``
     processes (each model in its own), and save a part file per model."""
-    todo = [k for k in mine if _load_part(part_path(out, name, k), fp) is None]
+    todo = [k for k in mine if stored_fingerprint(part_path(out, name, k)) != fp]      # attributes only
     if len(todo) < len(mine):
         print(f"reusing {len(mine) - len(todo)} finished model(s) from {out}/{name}.model-*.nc")
     work = ([names[k] for k in todo], [num_heads] * len(todo), [cfg] * len(todo), [args.threads] * len(todo))

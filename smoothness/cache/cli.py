@@ -37,8 +37,8 @@ from ..cli import (add_model_args, add_sampler_args, check_name, check_out_folde
                    model_names, official_sampler, parse_int_list, parser, path_arg, sampler_flags)
 from ..cli import add_vae_args, check_vae_args, load_lpips, load_vae
 from ..diffusion import SAMPLERS, Diffusion, SamplerConfig
-from ..io_utils import (atomic_path, check_writable, fingerprint, guard_results, remove_stale_temporaries,
-                        run_name)
+from ..io_utils import (atomic_path, check_writable, fingerprint, guard_results, read_netcdf,
+                        remove_stale_temporaries, run_name)
 from ..models import Captions, bundled, family_of, sha256
 from ..plots.cache import figure, figure_plotly
 from .base import REGISTRY, CacheConfig
@@ -236,20 +236,21 @@ def main(argv=None):
                       lpips=lpips, dtype=args.dtype)
     if args.calibration is not None:
         cfg = replace(cfg, calibration=_checked_calibration(args.calibration, models, cfg))
-    _run(args, names, _placed(models, args, device), cfg, out)
+    _run(args, names, models, cfg, out, _placed(models, args, device))
 
 
 def _placed(models: dict, args, device: str) -> dict:
-    """The models on ``device`` (the run's precision switches set), compiled with --compile."""
-    args.device_attrs = devices.setup(device, args.tf32)
+    """Put the models on ``device`` (the run's precision switches set), compiled with --compile;
+    returns the device attributes of the result."""
+    attrs = {**devices.setup(device, args.tf32), "compiled": int(args.compile)}
     for model in models.values():
         model.to(device)
         if args.compile:
             devices.compile_blocks(model)
-    return models
+    return attrs
 
 
-def _run(args, names, models: dict, cfg: SweepConfig, out: Path):
+def _run(args, names, models: dict, cfg: SweepConfig, out: Path, device_attrs: dict):
     """Name the result, refuse to replace another configuration's, sweep (resumably; this process's
     shard of the cells under --shard or torchrun, rank 0 merging), write."""
     shard, launched = ranks.from_args(args)
@@ -267,7 +268,7 @@ def _run(args, names, models: dict, cfg: SweepConfig, out: Path):
         with devices.out_of_memory(args.device, f"sampling {cfg.samples} samples per chain",
                                    "lower --per-class (or give fewer --classes / captions)"):
             ds = sweep(models, cfg, partial=out / f"{stem}.partial.nc", resume=args.resume, shard=shard)
-        ds.attrs.update(**args.device_attrs, compiled=int(args.compile))
+        ds.attrs.update(device_attrs)
         ds.attrs.update(models=",".join(str(n) for n in names), sha256=",".join(sums), fingerprint=fp,
                         preset=args.preset or "", methods=",".join(cfg.methods), seconds_total=time.time() - t0,
                         cpu_seconds_total=time.process_time() - cpu0, **chain.sampler_attrs(cfg.sampler))
@@ -282,7 +283,8 @@ def _run(args, names, models: dict, cfg: SweepConfig, out: Path):
 
     ds = ranks.run(shard, launched, out=out, name=name, device=args.device, timeout_s=args.barrier_timeout,
                    before=lambda: guard_results([out / f"{name}.nc"], fp, args.overwrite), part=part,
-                   merge=lambda files: shards.merge([load(f) for f in files], [str(f) for f in files]))
+                   merge=lambda files: shards.merge([read_netcdf(f, "shard file") for f in files],
+                                                    [str(f) for f in files]))
     if ds is None:
         return
     paths = write(ds, out, name)
@@ -295,12 +297,6 @@ def save(ds: xr.Dataset, path: Path):
     """Write a sweep result atomically."""
     with atomic_path(path) as tmp:
         ds.to_netcdf(tmp, engine="h5netcdf")
-
-
-def load(path: Path) -> xr.Dataset:
-    """A sweep result file, read whole."""
-    with xr.open_dataset(path, engine="h5netcdf") as f:
-        return f.load()
 
 
 def write(ds: xr.Dataset, out: Path, name: str) -> list[Path]:

@@ -59,7 +59,6 @@ def merge(parts: list[xr.Dataset], names: list[str] | None = None) -> xr.Dataset
                 out[v].values = np.where(mask, ds[v].values, out[v].values)
             elif dims == ("model", "seed"):                 # reference chains: any shard that ran them
                 out[v].values = np.where(np.isnan(out[v].values), ds[v].values, out[v].values)
-        out.attrs.update({a: x for a, x in ds.attrs.items() if a.startswith("calibration_")})
     out["done"].values = done.any(0) | ~real
     out.attrs = {**{a: x for a, x in out.attrs.items() if not a.startswith("calibration_") and a != "shard"},
                  **dict(sorted((a, x) for p in parts for a, x in p.attrs.items() if a.startswith("calibration_"))),

@@ -182,21 +182,22 @@ def _check_memory_flags(args, device: str, shard):
                          "chunks, and free memory differs between GPUs")
 
 
-def _placed(entries, cfg: SurfaceConfig, args, partial: Path) -> SurfaceConfig:
+def _placed(entries, cfg: SurfaceConfig, args, partial: Path) -> tuple[SurfaceConfig, dict]:
     """Set the device's precision switches, compile with --compile, and size the chunks on cuda (a
-    resumed run keeps the size its partial file was made with)."""
-    args.device_attrs = {**devices.setup(cfg.device, args.tf32), "compiled": int(args.compile)}
+    resumed run keeps the size its partial file was made with); (config, the result's device attributes)."""
+    attrs = {**devices.setup(cfg.device, args.tf32), "compiled": int(args.compile)}
     if args.compile:
         for e in entries:
             devices.compile_blocks(e.model)
     if args.batch_size is None and cfg.device.startswith("cuda") and args.resume and partial.is_file():
-        cfg = replace(cfg, batch_size=int(json.loads(io.load(partial).attrs["config"])["batch_size"]))
+        with xr.open_dataset(partial, engine="h5netcdf") as made:          # its attributes, not its cells
+            cfg = replace(cfg, batch_size=int(json.loads(made.attrs["config"])["batch_size"]))
         print(f"{cfg.batch_size} grid points per chunk, as {partial} was made")
     elif args.batch_size is None and cfg.device.startswith("cuda"):
         budget = int(args.max_memory * 2 ** 30) if args.max_memory else int(0.9 * devices.free_bytes(cfg.device))
         cfg = replace(cfg, batch_size=sized_batch(entries, cfg, budget))
         print(f"{cfg.batch_size} grid points per chunk fit {budget / 2 ** 30:.1f} GiB on {cfg.device}")
-    return cfg
+    return cfg, attrs
 
 
 def _no_folders(*paths):
@@ -214,7 +215,7 @@ def _check_paths(args):
         _no_folders(args.out / f"{args.name}.partial.nc", args.out / f"{args.name}.nc")
 
 
-def _run(entries, cfg: SurfaceConfig, args, out: Path, stem: str, fp: str, shard) -> xr.Dataset:
+def _run(entries, cfg: SurfaceConfig, args, out: Path, stem: str, fp: str, shard, device_attrs: dict) -> xr.Dataset:
     """Compute this process's part (resuming from its partial file) and save it as ``<stem>.nc``."""
     partial, final = out / f"{stem}.partial.nc", out / f"{stem}.nc"
     _no_folders(partial, final)
@@ -235,7 +236,7 @@ def _run(entries, cfg: SurfaceConfig, args, out: Path, stem: str, fp: str, shard
     with devices.out_of_memory(cfg.device, f"evaluating {cfg.batch_size} grid points per chunk",
                                "lower --batch-size (or --max-memory)"):
         ds = compute(entries, cfg, partial=partial, resume_from=resume_from, shard=shard)
-    ds.attrs.update(fingerprint=fp, **args.device_attrs)
+    ds.attrs.update(fingerprint=fp, **device_attrs)
     io.save(ds, final)
     partial.unlink(missing_ok=True)
     return ds
@@ -254,7 +255,7 @@ def main(argv=None):
     cfg.check_size(len(entries))
     _validate(entries, cfg)
     name = args.name or run_name("surface", [e.label for e in entries], "step" + "-".join(map(str, cfg.steps)))
-    cfg = _placed(entries, cfg, args, out / f"{ranks.stem(name, shard)}.partial.nc")
+    cfg, device_attrs = _placed(entries, cfg, args, out / f"{ranks.stem(name, shard)}.partial.nc")
     fp = fingerprint(cfg.to_json(), [(e.source, e.sha256) for e in entries])
     t0 = time.time()
 
@@ -266,7 +267,8 @@ def main(argv=None):
 
     ds = ranks.run(shard, launched, out=out, name=name, device=cfg.device, timeout_s=args.barrier_timeout,
                    before=lambda: guard_results([out / f"{name}.nc"], fp, args.overwrite),
-                   part=lambda: _run(entries, cfg, args, out, ranks.stem(name, shard), fp, shard), merge=merged)
+                   part=lambda: _run(entries, cfg, args, out, ranks.stem(name, shard), fp, shard, device_attrs),
+                   merge=merged)
     if ds is None:
         return
     paths = [out / f"{name}.nc"] + write_figures(ds, out, name)

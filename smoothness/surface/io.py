@@ -13,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 from .. import ranks
-from ..io_utils import atomic_path, versions
+from ..io_utils import atomic_path, read_netcdf, versions
 from ..models import caption_attrs
 from ..models.protocol import family_of
 
@@ -79,15 +79,7 @@ def save(ds: xr.Dataset, path: str | Path) -> Path:
 
 
 def load(path: str | Path) -> xr.Dataset:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"surface file {str(path)!r} does not exist")
-    try:
-        with xr.open_dataset(path, engine="h5netcdf") as f:
-            ds = f.load()
-    except Exception as e:
-        raise ValueError(f"{str(path)!r} is not a readable netCDF file: {e}") from None
-    return check_schema(ds, str(path))
+    return check_schema(read_netcdf(path, "surface file"), str(path))
 
 
 def resumable(path: Path, expected: xr.Dataset) -> xr.Dataset | None:
